@@ -1,0 +1,153 @@
+"""The future handed out by the pool: a ``concurrent.futures.Future`` that can stop a running task."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import (  # the states are not re-exported publicly
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from ._worker import Worker
+
+T = TypeVar("T")
+
+
+class TaskFuture(Future[T]):
+    """A future whose :meth:`cancel` also reaches a task that is already running.
+
+    ``concurrent.futures.Future.cancel()`` refuses once the work has started, because a
+    thread cannot be interrupted. A task in an event loop can: cancelling this future
+    while the task runs marks the future cancelled at once (so ``cancel()``,
+    ``cancelled()`` and ``result()`` stay consistent) and delivers a cancellation to the
+    task in its loop, where its ``finally`` blocks run. The pool's shutdown waits for that
+    cleanup.
+
+    The callable and its arguments ride on the future itself, which saves one object per
+    submit on the hot path; they are dropped as soon as the task starts or is cancelled.
+    """
+
+    # The call waiting to run, then the in-loop canceller of the running task.
+    _call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None
+    _canceller: Callable[[], object] | None
+    # Called once, when the task has fully exited or will never run (see run_async).
+    _on_task_exit: Callable[[], object] | None
+
+    def __init__(
+        self,
+        worker: Worker,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self._worker = worker
+        self._call = (fn, args, kwargs)
+        self._canceller = None
+        self._on_task_exit = None
+
+    def cancel(self) -> bool:
+        """Cancel the work, whether it is waiting or already running.
+
+        :return: ``False`` if the work has already finished, else ``True``
+        """
+        previous = self._transition_to_cancelled()
+        if previous is None:
+            return not self._state == FINISHED
+        if previous == RUNNING:
+            self._worker._request_cancel(self)
+        else:
+            self._task_exited()
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with self._condition:
+            if self._state == PENDING:
+                self._state = RUNNING
+                return True
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                # cancel() has already notified the waiters.
+                self._call = None
+                return False
+            raise RuntimeError(f"future in unexpected state {self._state}")
+
+    def result(self, timeout: float | None = None) -> T:
+        if not self.done():
+            self._worker._check_not_own_loop("waiting for a future of this worker")
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.done():
+            self._worker._check_not_own_loop("waiting for a future of this worker")
+        return super().exception(timeout)
+
+    # -- called by the worker, in its loop thread --------------------------------------
+
+    def _take_call(self) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+        call = self._call
+        assert call is not None
+        self._call = None
+        return call
+
+    def _settle(self, ok: bool, value: Any) -> None:
+        """Record the task's outcome, unless the future was cancelled meanwhile."""
+        self._canceller = None
+        try:
+            if ok:
+                self.set_result(value)
+            else:
+                self.set_exception(value)
+        except InvalidStateError:
+            pass  # cancelled while the task ran: the cancellation wins
+        self._task_exited()
+
+    def _settle_cancelled(self) -> None:
+        self._canceller = None
+        self._transition_to_cancelled()
+        self._task_exited()
+
+    def _settle_broken(self, exc: BaseException) -> None:
+        """End a future whose worker died, whatever state it was in."""
+        self._canceller = None
+        self._call = None
+        with self._condition:
+            if self._state == PENDING:
+                self._state = RUNNING
+        try:
+            self.set_exception(exc)
+        except InvalidStateError:
+            pass
+        self._task_exited()
+
+    def _task_exited(self) -> None:
+        callback, self._on_task_exit = self._on_task_exit, None
+        if callback is not None:
+            callback()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _transition_to_cancelled(self) -> str | None:
+        """Move to the cancelled state and wake waiters; return the previous state.
+
+        Returns ``None`` when the future was already done. The base class leaves a
+        cancelled future in ``CANCELLED`` until a worker picks it up; this one notifies
+        ``wait()``/``as_completed()`` at once, because a cancelled item may sit behind
+        others in its worker for a long time.
+        """
+        with self._condition:
+            previous = self._state
+            if previous not in (PENDING, RUNNING):
+                return None
+            self._state = CANCELLED_AND_NOTIFIED
+            self._call = None
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+        return previous

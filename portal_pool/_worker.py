@@ -1,0 +1,373 @@
+"""One worker: a thread that runs one event loop behind an anyio ``BlockingPortal``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from inspect import iscoroutine
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+import anyio
+from anyio.from_thread import BlockingPortal
+from anyio.lowlevel import EventLoopToken, current_token
+
+from ._exceptions import BrokenPortalPool
+from ._future import TaskFuture
+from ._runtime import Runtime, make_runtime
+
+T = TypeVar("T")
+P = ParamSpec("P")
+C_co = TypeVar("C_co", covariant=True)
+
+logger = logging.getLogger("portal_pool")
+
+_thread_state = threading.local()
+
+
+def current_worker() -> Worker[Any]:
+    """Return the worker whose event loop runs the calling code.
+
+    :raises RuntimeError: if called outside a portal_pool worker's loop thread
+    """
+    worker: Worker[Any] | None = getattr(_thread_state, "worker", None)
+    if worker is None:
+        raise RuntimeError(
+            "current_worker() was called outside a portal_pool worker; call it from "
+            "code submitted to a PortalPool"
+        )
+    return worker
+
+
+def check_callable(fn: object) -> None:
+    """Reject what can't be submitted, before anything is queued."""
+    if callable(fn):
+        return
+    if iscoroutine(fn):
+        name = getattr(fn, "__qualname__", "the coroutine function")
+        fn.close()  # no "coroutine was never awaited" warning for the caller's mistake
+        raise TypeError(
+            f"expected a callable but got a coroutine object; pass the function and "
+            f"its arguments instead, e.g. submit({name}, arg) rather than "
+            f"submit({name}(arg))"
+        )
+    raise TypeError(f"expected a callable, got {type(fn).__name__} {fn!r}")
+
+
+class Worker(Generic[C_co]):
+    """One thread, one event loop, one :class:`~anyio.from_thread.BlockingPortal`.
+
+    The worker's main task runs inside the portal's task group. Work reaches it through
+    an inbox: :meth:`submit` appends to a deque and wakes the loop through the portal's
+    event-loop token, once per burst rather than once per item, and never waits for the
+    loop. That is why ``submit`` is safe from any thread, including one that runs its own
+    asyncio or trio loop, where anyio's blocking portal calls would hang (trio) or block.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        *,
+        backend: str,
+        backend_options: dict[str, Any],
+        context_factory: Callable[[], AbstractAsyncContextManager[C_co]] | None,
+        thread_name: str,
+    ) -> None:
+        self._index = index
+        self._backend = backend
+        self._backend_options = backend_options
+        self._context_factory = context_factory
+        self._context: Any = None
+        self._portal: BlockingPortal | None = None
+        self._token: EventLoopToken | None = None
+        self._runtime: Runtime | None = None
+        self._thread_ident: int | None = None
+        # Guards the inbox and the flags below; held only for a few bytecodes.
+        self._lock = threading.Lock()
+        # A deque, swapped out whole by the loop: producers never wait for the loop,
+        # and the loop takes a whole burst with one lock acquisition.
+        self._inbox: deque[TaskFuture[Any]] = deque()
+        self._wake_pending = False
+        self._closed = False
+        self._stop_request: bool | None = None  # None, or the cancel flag of the stop
+        self._ready: Future[None] = Future()
+        self._exited: Future[None] = Future()
+        self._thread = threading.Thread(target=self._thread_main, name=thread_name)
+        self._spawner: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Worker {self._index} {self._backend} {state}>"
+
+    # -- public ------------------------------------------------------------------
+
+    @property
+    def index(self) -> int:
+        """The worker's position in ``pool.workers``."""
+        return self._index
+
+    @property
+    def portal(self) -> BlockingPortal:
+        """The anyio portal of this worker's loop, for power users.
+
+        Its blocking methods must not be called from a thread running a trio loop, and
+        they wait for the loop to respond; :meth:`submit` has neither limit.
+        """
+        if self._portal is None:
+            raise RuntimeError(f"worker {self._index} has no running portal")
+        return self._portal
+
+    @property
+    def context(self) -> C_co:
+        """The value yielded by the pool's ``worker_context`` in this worker, or ``None``."""
+        return self._context  # type: ignore[no-any-return]
+
+    @overload
+    def submit(
+        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Future[T]: ...
+
+    @overload
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
+
+    def submit(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Future[Any]:
+        """Run ``fn(*args, **kwargs)`` in this worker's loop; await it if it is awaitable.
+
+        Sync callables run in the loop thread and block the loop while they run.
+
+        :raises TypeError: if ``fn`` is not callable, or is a coroutine object
+        :raises RuntimeError: if the pool has been shut down
+        """
+        check_callable(fn)
+        future: TaskFuture[Any] = TaskFuture(self, fn, args, kwargs)
+        self._enqueue(future)
+        return future
+
+    @overload
+    def run(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    @overload
+    def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    def run(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Submit ``fn`` to this worker and block until it returns; re-raise its error.
+
+        If the wait is interrupted (e.g. by Ctrl-C) the task is cancelled.
+
+        :raises RuntimeError: if called from this worker's own loop, where it would deadlock
+        """
+        self._check_not_own_loop("run()")
+        return wait_for_result(self.submit(fn, *args, **kwargs))
+
+    @overload
+    async def run_async(
+        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+    @overload
+    async def run_async(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    async def run_async(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Await ``fn`` run in this worker, from async code on any backend.
+
+        Cancelling the caller cancels the task in the worker and waits until it has
+        finished; the caller then sees its own cancellation.
+
+        :raises RuntimeError: if the pool has been shut down
+        """
+        check_callable(fn)
+        caller = current_token()
+        exited = anyio.Event()
+
+        def wake_caller() -> None:
+            _call_soon_or_drop(caller, exited.set)
+
+        future: TaskFuture[Any] = TaskFuture(self, fn, args, kwargs)
+        future._on_task_exit = wake_caller
+        self._enqueue(future)
+        try:
+            await exited.wait()
+        except BaseException:
+            future.cancel()
+            with anyio.CancelScope(shield=True):
+                await exited.wait()
+            raise
+        return future.result()
+
+    # -- pool-facing -------------------------------------------------------------
+
+    def _start(self) -> None:
+        self._thread.start()
+
+    def _enqueue(self, future: TaskFuture[Any]) -> None:
+        with self._lock:
+            if self._closed:
+                if self._stop_request is None:
+                    raise BrokenPortalPool(f"worker {self._index}'s event loop has stopped")
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._inbox.append(future)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._call_soon(self._drain)
+
+    def _request_cancel(self, future: TaskFuture[Any]) -> None:
+        self._call_soon(_cancel_in_loop, future)
+
+    def _request_stop(self, cancel: bool) -> None:
+        """Stop accepting work; finish (or with ``cancel``, cancel) what was accepted."""
+        with self._lock:
+            self._closed = True
+            if self._stop_request is True or (self._stop_request is False and not cancel):
+                return
+            self._stop_request = cancel
+            started = self._runtime is not None
+            queued = list(self._inbox) if cancel else []
+        for future in queued:
+            future.cancel()
+        if started:
+            self._call_soon(self._stop_in_loop, cancel)
+
+    def _check_not_own_loop(self, what: str) -> None:
+        if self._thread_ident == threading.get_ident():
+            raise RuntimeError(
+                f"{what} from inside worker {self._index}'s own event loop would "
+                f"deadlock; use 'await pool.run_async(...)' there instead"
+            )
+
+    # -- loop side ---------------------------------------------------------------
+
+    def _call_soon(self, fn: Callable[..., object], *args: Any) -> None:
+        token = self._token
+        if token is None or not _call_soon_or_drop(token, fn, *args):
+            self._fail_queued(BrokenPortalPool(f"worker {self._index}'s event loop is gone"))
+
+    def _drain(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+            batch, self._inbox = self._inbox, deque()
+        runtime = self._runtime
+        assert runtime is not None
+        for future in batch:
+            if future.set_running_or_notify_cancel():
+                runtime.start(future)
+
+    def _stop_in_loop(self, cancel: bool) -> None:
+        self._drain()
+        assert self._runtime is not None
+        self._runtime.request_stop(cancel)
+
+    def _thread_main(self) -> None:
+        self._thread_ident = threading.get_ident()
+        _thread_state.worker = self
+        try:
+            anyio.run(
+                self._serve_portal,
+                backend=self._backend,
+                backend_options=self._backend_options,
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported through the futures
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+            else:
+                logger.error("worker %d's event loop failed", self._index, exc_info=exc)
+        finally:
+            if self._spawner is not None:
+                self._spawner.join()  # it ended as soon as the main task was spawned
+                self._spawner = None
+            with self._lock:
+                self._closed = True
+                self._runtime = None
+            self._fail_queued(BrokenPortalPool(f"worker {self._index}'s event loop stopped"))
+            self._context = None
+            self._portal = None
+            _thread_state.worker = None
+            self._exited.set_result(None)
+
+    async def _serve_portal(self) -> None:
+        async with BlockingPortal() as portal:
+            self._portal = portal
+            self._token = current_token()
+            # The main task must belong to the portal's task group, and the public way
+            # in, start_task_soon, must be called from another thread: use a short-lived
+            # one (anyio.to_thread would leave trio's idle cache threads behind).
+            self._spawner = threading.Thread(
+                target=portal.start_task_soon,
+                args=(self._main,),
+                name=f"{self._thread.name}-spawn",
+            )
+            self._spawner.start()
+            await portal.sleep_until_stopped()
+
+    async def _main(self) -> None:
+        portal = self._portal
+        assert portal is not None
+        try:
+            runtime = make_runtime(self._backend)
+            async with AsyncExitStack() as stack:
+                if self._context_factory is not None:
+                    self._context = await stack.enter_async_context(
+                        _open_context(self._context_factory)
+                    )
+                await runtime.serve(lambda: self._accept_work(runtime))
+        except BaseException as exc:
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+            else:
+                logger.error("worker %d failed", self._index, exc_info=exc)
+        finally:
+            await portal.stop()
+
+    def _accept_work(self, runtime: Runtime) -> None:
+        with self._lock:
+            self._runtime = runtime
+            stop = self._stop_request
+        self._ready.set_result(None)
+        if stop is not None:
+            self._stop_in_loop(stop)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        with self._lock:
+            batch, self._inbox = self._inbox, deque()
+            self._wake_pending = False
+        for future in batch:
+            future._settle_broken(exc)
+
+
+def _cancel_in_loop(future: TaskFuture[Any]) -> None:
+    canceller = future._canceller
+    if canceller is not None:
+        canceller()
+
+
+def _call_soon_or_drop(token: EventLoopToken, fn: Callable[..., object], *args: Any) -> bool:
+    """Schedule ``fn`` in the token's loop; return ``False`` if that loop has finished."""
+    try:
+        token.backend_class.run_sync_soon(fn, args, token.native_token)
+    except anyio.RunFinishedError:
+        return False
+    return True
+
+
+def wait_for_result(future: Future[T]) -> T:
+    """Block on ``future``; if the wait itself is interrupted, cancel the work."""
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        raise
+
+
+def _open_context(factory: Callable[[], Any]) -> AbstractAsyncContextManager[Any]:
+    manager = factory()
+    if not (hasattr(manager, "__aenter__") and hasattr(manager, "__aexit__")):
+        raise TypeError(
+            f"worker_context must be a zero-argument callable returning an async context "
+            f"manager, but it returned {type(manager).__name__}; wrap an async generator "
+            f"with @contextlib.asynccontextmanager"
+        )
+    return manager  # type: ignore[no-any-return]
+
