@@ -285,6 +285,8 @@ class Worker(Generic[C_co]):
             self._context = None
             self._portal = None
             _thread_state.worker = None
+            # Thread idents are reused once a thread ends: forget ours before that.
+            self._thread_ident = None
             self._exited.set_result(None)
 
     async def _serve_portal(self) -> None:

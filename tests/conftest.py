@@ -1,0 +1,88 @@
+"""Shared fixtures: backend parametrization and the thread-leak check."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from portal_pool import PortalPool
+
+# name -> (backend, backend_options, module that must be importable)
+POOL_BACKENDS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "asyncio": ("asyncio", {}, "asyncio"),
+    "uvloop": ("asyncio", {"use_uvloop": True}, "uvloop"),
+    "trio": ("trio", {}, "trio"),
+}
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backend",
+        action="append",
+        choices=sorted(POOL_BACKENDS),
+        help="pool backend(s) to test; default: every installed one",
+    )
+
+
+def _selected(config: pytest.Config) -> list[str]:
+    chosen = config.getoption("--backend") or list(POOL_BACKENDS)
+    return [name for name in chosen if _installed(POOL_BACKENDS[name][2])]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pool_backend" in metafunc.fixturenames:
+        metafunc.parametrize("pool_backend", _selected(metafunc.config))
+    if "anyio_backend" in metafunc.fixturenames:
+        # The caller's loop, independent of the pool's: every pairing is exercised.
+        callers = [name for name in ("asyncio", "trio") if _installed(name)]
+        metafunc.parametrize("anyio_backend", callers)
+
+
+@pytest.fixture
+def backend_kwargs(pool_backend: str) -> dict[str, Any]:
+    backend, options, _ = POOL_BACKENDS[pool_backend]
+    return {"backend": backend, "backend_options": options}
+
+
+@pytest.fixture
+def make_pool(backend_kwargs: dict[str, Any]) -> Iterator[Callable[..., PortalPool[Any]]]:
+    """Build pools on the test's backend; any left running are cancelled at teardown."""
+    pools: list[PortalPool[Any]] = []
+
+    def factory(max_workers: int | None = 2, **kwargs: Any) -> PortalPool[Any]:
+        pool: PortalPool[Any] = PortalPool(max_workers, **backend_kwargs, **kwargs)
+        pools.append(pool)
+        return pool
+
+    yield factory
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail any test that leaves a thread running after it ends."""
+    before = set(threading.enumerate())
+    yield
+    # trio keeps a global cache of idle threads for to_thread; they are trio's, reused
+    # across runs, and exit on their own after an idle timeout.
+    leaked = [
+        thread
+        for thread in threading.enumerate()
+        if thread not in before and not thread.name.startswith("Trio thread")
+    ]
+    for thread in leaked:
+        thread.join(timeout=5)  # a clean exit in progress gets a bounded grace period
+    alive = [thread.name for thread in leaked if thread.is_alive()]
+    assert not alive, f"threads leaked by this test: {alive}"
+
+
+requires_trio = pytest.mark.skipif(not _installed("trio"), reason="trio is not installed")
