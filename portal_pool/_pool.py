@@ -319,39 +319,46 @@ def _ordered_results(
     end_time: float | None,
     chunked: bool,
 ) -> Iterator[Any]:
-    """Yield results in order; keep no reference to what was yielded."""
+    """Yield results in order.
+
+    Values are yielded straight from a call, never bound to a local: a suspended
+    generator keeps its locals alive, and the caller may have dropped the value already.
+    """
     try:
         while futures:
             if refill is not None and refill[1]() is not None:
                 unit = next(refill[0], None)
                 if unit is not None:
                     futures.append(submit_unit(unit))
-            future = futures.popleft()
-            try:
-                if end_time is None:
-                    result = future.result()
-                else:
-                    result = future.result(end_time - time.monotonic())
-            except BaseException:
-                future.cancel()
-                raise
-            del future
             if not chunked:
-                yield result
-                del result
+                yield _result_or_cancel(futures.popleft(), end_time)
                 continue
-            outcomes: list[Outcome] = result
-            del result
+            outcomes: list[Outcome] = _result_or_cancel(futures.popleft(), end_time)
             outcomes.reverse()
             while outcomes:
-                ok, value = outcomes.pop()
-                if not ok:
-                    raise value
-                yield value
-                del value
+                yield _unwrap(outcomes.pop())
     finally:
         for future in futures:
             future.cancel()
+
+
+def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
+    try:
+        if end_time is None:
+            return future.result()
+        return future.result(end_time - time.monotonic())
+    except BaseException:
+        future.cancel()
+        raise
+    finally:
+        del future  # the traceback of a raised error would keep it otherwise
+
+
+def _unwrap(outcome: Outcome) -> Any:
+    ok, value = outcome
+    if ok:
+        return value
+    raise value
 
 
 def _batched(iterator: Iterator[T], size: int) -> Iterator[tuple[T, ...]]:

@@ -152,15 +152,23 @@ def options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    error = argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise error from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise error
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    # "nan" would sleep for no time at all on asyncio and fail on trio.
+    error = argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise error from None
+    # Written so that "nan" fails too: it compares false with everything.
     if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+        raise error
     return value

@@ -40,10 +40,12 @@ def _selected(config: pytest.Config) -> list[str]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "pool_backend" in metafunc.fixturenames:
         metafunc.parametrize("pool_backend", _selected(metafunc.config))
-    if "anyio_backend" in metafunc.fixturenames:
-        # The caller's loop, independent of the pool's: every pairing is exercised.
-        callers = [name for name in ("asyncio", "trio") if _installed(name)]
-        metafunc.parametrize("anyio_backend", callers)
+
+
+@pytest.fixture(params=[name for name in ("asyncio", "trio") if _installed(name)])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The caller's loop, independent of the pool's: every pairing is exercised."""
+    return str(request.param)
 
 
 @pytest.fixture

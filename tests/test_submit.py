@@ -45,7 +45,6 @@ def test_is_an_executor(make_pool: MakePool) -> None:
 
 def test_coroutine_function_sync_callable_and_awaitable_factory(make_pool: MakePool) -> None:
     pool = make_pool()
-    loop_threads = {w.index: w for w in pool.workers}
 
     def sync_add(a: int, b: int) -> tuple[int, str]:
         return a + b, threading.current_thread().name
@@ -58,7 +57,6 @@ def test_coroutine_function_sync_callable_and_awaitable_factory(make_pool: MakeP
     assert thread_name.startswith("portal_pool-")  # ran in a worker's loop thread
     assert pool.run(returns_awaitable, 21) == 42
     assert pool.submit(double, 4).result(timeout=10) == 8
-    assert len(loop_threads) == 2
 
 
 def test_kwargs_pass_through(make_pool: MakePool) -> None:
@@ -165,6 +163,7 @@ def test_finished_task_releases_callable_arguments_and_result(make_pool: MakePoo
     del argument
     produced = future.result(timeout=10)
     del produced, future
+    pool.run(lambda: None)  # orders us after the worker's last touch of the task
     gc.collect()
     assert argument_ref() is None
     assert result_holder[0]() is None
