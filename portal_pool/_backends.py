@@ -11,7 +11,12 @@ from typing import Any
 _VALID_OPTIONS = {
     "asyncio": frozenset({"debug", "loop_factory", "use_uvloop"}),
     "trio": frozenset(
-        {"clock", "instruments", "restrict_keyboard_interrupt_to_checkpoints", "strict_exception_groups"}
+        {
+            "clock",
+            "instruments",
+            "restrict_keyboard_interrupt_to_checkpoints",
+            "strict_exception_groups",
+        }
     ),
 }
 

@@ -301,9 +301,7 @@ def _item_submitter(pool: PortalPool[Any], fn: Callable[..., Any]) -> Callable[[
     return submit_item
 
 
-def _chunk_submitter(
-    pool: PortalPool[Any], fn: Callable[..., Any]
-) -> Callable[[Any], Future[Any]]:
+def _chunk_submitter(pool: PortalPool[Any], fn: Callable[..., Any]) -> Callable[[Any], Future[Any]]:
     run_chunk = pool._run_chunk
 
     def submit_chunk(chunk: tuple[tuple[Any, ...], ...]) -> Future[Any]:

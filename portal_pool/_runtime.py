@@ -237,4 +237,3 @@ async def run_chunk_trio(
 
 def _identity(value: Any) -> Any:
     return value
-

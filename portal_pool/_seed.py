@@ -34,7 +34,7 @@ class SeedOptions:
     """
 
     backend: str = "asyncio"
-    backend_options: dict[str, Any] = field(default_factory=dict)
+    backend_options: dict[str, Any] = field(default_factory=dict[str, Any])
     workers: int = DEFAULT_WORKERS
     tasks_per_worker: int = DEFAULT_TASKS_PER_WORKER
     delay: float = DEFAULT_DELAY
@@ -75,9 +75,10 @@ def run_seed(options: SeedOptions) -> SeedRun:
     :param options: the backend and the shape of the work
     """
     start = time.perf_counter()
-    with PortalPool(
+    pool: PortalPool[None] = PortalPool(
         options.workers, backend=options.backend, backend_options=options.backend_options
-    ) as pool:
+    )
+    with pool:
         # Pinned rather than round robin, so that every loop gets its share whatever
         # the pool's scheduling policy.
         futures = [
@@ -100,9 +101,7 @@ def add_seed_arguments(parser: argparse.ArgumentParser) -> None:
         default="asyncio",
         help="event loop of every worker thread (default: %(default)s)",
     )
-    parser.add_argument(
-        "--uvloop", action="store_true", help="run the asyncio loops on uvloop"
-    )
+    parser.add_argument("--uvloop", action="store_true", help="run the asyncio loops on uvloop")
     parser.add_argument(
         "--workers",
         type=_positive_int,

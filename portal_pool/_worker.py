@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -47,7 +48,7 @@ def check_callable(fn: object) -> None:
     if callable(fn):
         return
     if iscoroutine(fn):
-        name = getattr(fn, "__qualname__", "the coroutine function")
+        name = getattr(fn, "__name__", "fn")
         fn.close()  # no "coroutine was never awaited" warning for the caller's mistake
         raise TypeError(
             f"expected a callable but got a coroutine object; pass the function and "
@@ -97,6 +98,7 @@ class Worker(Generic[C_co]):
         self._exited: Future[None] = Future()
         self._thread = threading.Thread(target=self._thread_main, name=thread_name)
         self._spawner: threading.Thread | None = None
+        self._startup_scope: anyio.CancelScope | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -179,7 +181,13 @@ class Worker(Generic[C_co]):
         :raises RuntimeError: if the pool has been shut down
         """
         check_callable(fn)
-        caller = current_token()
+        try:
+            caller = current_token()
+        except anyio.NoEventLoopError:
+            raise RuntimeError(
+                "run_async() must be awaited from code running in an asyncio or trio "
+                "event loop; from sync code, call run() or submit() instead"
+            ) from None
         exited = anyio.Event()
 
         def wake_caller() -> None:
@@ -225,11 +233,14 @@ class Worker(Generic[C_co]):
                 return
             self._stop_request = cancel
             started = self._runtime is not None
+            loop_running = self._token is not None
             queued = list(self._inbox) if cancel else []
         for future in queued:
             future.cancel()
         if started:
             self._call_soon(self._stop_in_loop, cancel)
+        elif cancel and loop_running:
+            self._call_soon(self._cancel_startup)
 
     def _check_not_own_loop(self, what: str) -> None:
         if self._thread_ident == threading.get_ident():
@@ -261,6 +272,7 @@ class Worker(Generic[C_co]):
         self._runtime.request_stop(cancel)
 
     def _thread_main(self) -> None:
+        _block_process_signals()
         self._thread_ident = threading.get_ident()
         _thread_state.worker = self
         try:
@@ -292,7 +304,8 @@ class Worker(Generic[C_co]):
     async def _serve_portal(self) -> None:
         async with BlockingPortal() as portal:
             self._portal = portal
-            self._token = current_token()
+            with self._lock:
+                self._token = current_token()
             # The main task must belong to the portal's task group, and the public way
             # in, start_task_soon, must be called from another thread: use a short-lived
             # one (anyio.to_thread would leave trio's idle cache threads behind).
@@ -308,20 +321,35 @@ class Worker(Generic[C_co]):
         portal = self._portal
         assert portal is not None
         try:
-            runtime = make_runtime(self._backend)
-            async with AsyncExitStack() as stack:
-                if self._context_factory is not None:
-                    self._context = await stack.enter_async_context(
-                        _open_context(self._context_factory)
-                    )
-                await runtime.serve(lambda: self._accept_work(runtime))
-        except BaseException as exc:
+            with anyio.CancelScope() as startup:
+                with self._lock:
+                    self._startup_scope = startup
+                    if self._stop_request is True:
+                        startup.cancel()  # Ctrl-C or a failed sibling before we began
+                runtime = make_runtime(self._backend)
+                async with AsyncExitStack() as stack:
+                    if self._context_factory is not None:
+                        self._context = await stack.enter_async_context(
+                            _open_context(self._context_factory)
+                        )
+                    await runtime.serve(lambda: self._accept_work(runtime))
+            if not self._ready.done():
+                self._ready.set_exception(
+                    BrokenPortalPool(f"worker {self._index} was stopped while starting")
+                )
+        except BaseException as exc:  # noqa: BLE001 - reported, and the portal stopped
             if not self._ready.done():
                 self._ready.set_exception(exc)
             else:
                 logger.error("worker %d failed", self._index, exc_info=exc)
         finally:
             await portal.stop()
+
+    def _cancel_startup(self) -> None:
+        # Only while the context is being entered: once serving, stops go through the
+        # runtime, which lets accepted work finish or cancels it as asked.
+        if self._runtime is None and self._startup_scope is not None:
+            self._startup_scope.cancel()
 
     def _accept_work(self, runtime: Runtime) -> None:
         with self._lock:
@@ -337,6 +365,37 @@ class Worker(Generic[C_co]):
             self._wake_pending = False
         for future in batch:
             future._settle_broken(exc)
+
+
+# Signals that are about the process, not about the code a thread runs.
+_PROCESS_SIGNALS = {
+    getattr(signal, name)
+    for name in (
+        "SIGINT",
+        "SIGTERM",
+        "SIGHUP",
+        "SIGQUIT",
+        "SIGUSR1",
+        "SIGUSR2",
+        "SIGALRM",
+        "SIGCHLD",
+        "SIGWINCH",
+        "SIGPIPE",
+    )
+    if hasattr(signal, name)
+}
+
+
+def _block_process_signals() -> None:
+    """Keep process signals off this thread so the kernel delivers them to the main one.
+
+    Python runs signal handlers in the main thread only, but the kernel may deliver a
+    signal to any thread that does not block it. A Ctrl-C that lands on a worker thread
+    sets Python's flag without waking a main thread blocked in ``future.result()``, and
+    Ctrl-C seems ignored until that wait ends. Threads this one starts inherit the mask.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _PROCESS_SIGNALS)
 
 
 def _cancel_in_loop(future: TaskFuture[Any]) -> None:
@@ -372,4 +431,3 @@ def _open_context(factory: Callable[[], Any]) -> AbstractAsyncContextManager[Any
             f"with @contextlib.asynccontextmanager"
         )
     return manager  # type: ignore[no-any-return]
-

@@ -1,0 +1,129 @@
+"""Bad input: each case gets a clear error, and nothing already submitted is lost."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from portal_pool import BrokenPortalPool, PortalPool
+
+MakePool = Callable[..., PortalPool[Any]]
+
+
+@pytest.mark.parametrize("workers", [0, -1])
+def test_max_workers_must_be_positive(workers: int) -> None:
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        PortalPool(workers)
+
+
+def test_unknown_backend_names_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="'asyncio' or 'trio'"):
+        PortalPool(1, backend="curio")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_unknown_backend_option_names_the_valid_ones(backend: str) -> None:
+    if backend == "trio":
+        pytest.importorskip("trio")
+    with pytest.raises(ValueError, match=r"unknown backend_options \['use_uvlop'\].*valid"):
+        PortalPool(1, backend=backend, backend_options={"use_uvlop": True})
+
+
+def test_not_callable_is_rejected_by_submit(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    with pytest.raises(TypeError, match="expected a callable"):
+        pool.submit(42)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="expected a callable"):
+        pool.map(42, [1])  # type: ignore[arg-type]
+
+
+def test_coroutine_object_is_rejected_and_closed(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    kept = pool.submit(anyio.sleep, 0)
+
+    async def fetch(url: str) -> str:
+        return url
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "never awaited" RuntimeWarning would fail here
+        coroutine = fetch("x")
+        with pytest.raises(TypeError, match=r"submit\(fetch, arg\) rather than submit\(fetch"):
+            pool.submit(coroutine)  # type: ignore[call-overload]
+        assert coroutine.cr_frame is None  # closed
+    assert kept.result(timeout=10) is None  # earlier work is unaffected
+
+
+def test_worker_context_failure_breaks_the_pool_and_leaves_no_thread(
+    backend_kwargs: dict[str, Any],
+) -> None:
+    entered: list[int] = []
+    exited: list[int] = []
+
+    @asynccontextmanager
+    async def flaky() -> AsyncIterator[None]:
+        if entered:
+            raise ConnectionError("database unreachable")
+        entered.append(1)
+        try:
+            yield
+        finally:
+            exited.append(1)
+
+    before = set(threading.enumerate())
+    with pytest.raises(BrokenPortalPool, match="database unreachable") as info:
+        PortalPool(3, worker_context=flaky, **backend_kwargs)
+    assert isinstance(info.value.__cause__, ConnectionError)
+    assert set(threading.enumerate()) <= before
+    assert entered == exited == [1]  # the worker that did start was unwound
+
+
+def test_worker_context_not_an_async_context_manager(backend_kwargs: dict[str, Any]) -> None:
+    with pytest.raises(BrokenPortalPool, match="asynccontextmanager"):
+        PortalPool(1, worker_context=lambda: "not a manager", **backend_kwargs)  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError, match="worker_context must be"):
+        PortalPool(1, worker_context="nope", **backend_kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("trio") is not None, reason="needs an environment without trio"
+)
+def test_trio_backend_without_trio_says_what_to_install() -> None:
+    with pytest.raises(ImportError, match=r"pip install 'portal_pool\[trio\]'"):
+        PortalPool(1, backend="trio")
+
+
+def test_missing_backend_package_message() -> None:
+    # Hide trio and uvloop from a fresh interpreter to check the message on any machine.
+    code = (
+        "import sys\n"
+        "sys.modules['trio'] = None\n"
+        "sys.modules['uvloop'] = None\n"
+        "from portal_pool import PortalPool\n"
+        "for kwargs in ({'backend': 'trio'}, {'backend_options': {'use_uvloop': True}}):\n"
+        "    try:\n"
+        "        PortalPool(1, **kwargs)\n"
+        "    except ImportError as exc:\n"
+        "        print(exc)\n"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    assert "pip install 'portal_pool[trio]'" in output
+    assert "pip install 'portal_pool[uvloop]'" in output
+
+
+def test_run_async_without_an_event_loop_is_explained(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    # A coroutine driven by hand from sync code has no event loop behind it.
+    coroutine = pool.run_async(anyio.sleep, 0)
+    with pytest.raises(RuntimeError, match="call run\\(\\) or submit\\(\\) instead"):
+        coroutine.send(None)

@@ -1,0 +1,125 @@
+"""Whole-process behaviour: Ctrl-C, interpreter exit. Each case runs in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+PRELUDE = """
+import faulthandler, sys, anyio
+faulthandler.dump_traceback_later(8, exit=True)  # a hang shows its stacks, then exits
+from portal_pool import PortalPool
+backend, options = sys.argv[1], eval(sys.argv[2])
+
+async def forever(*_):
+    await anyio.sleep(3600)
+
+async def slow_value(n):
+    await anyio.sleep(0.2)
+    return n
+"""
+
+SIGINT_SCENARIOS = {
+    "with_block_result": """
+with PortalPool(2, backend=backend, backend_options=options) as pool:
+    future = pool.submit(forever)
+    print("ready", flush=True)
+    future.result()
+""",
+    "bare_result": """
+pool = PortalPool(2, backend=backend, backend_options=options)
+future = pool.submit(forever)
+print("ready", flush=True)
+future.result()
+""",
+    "map_waiting": """
+pool = PortalPool(2, backend=backend, backend_options=options)
+results = pool.map(forever, range(10))
+print("ready", flush=True)
+list(results)
+""",
+    "run_waiting": """
+pool = PortalPool(2, backend=backend, backend_options=options)
+print("ready", flush=True)
+pool.run(forever)
+""",
+    "during_init": """
+from contextlib import asynccontextmanager
+
+@asynccontextmanager
+async def slow_context():
+    sys.stdout.write("ready\\n")  # one write: two workers print this concurrently
+    sys.stdout.flush()
+    await anyio.sleep(3600)
+    yield
+
+PortalPool(2, backend=backend, backend_options=options, worker_context=slow_context)
+""",
+}
+
+
+def _spawn(body: str, backend_kwargs: dict[str, object]) -> subprocess.Popen[str]:
+    script = PRELUDE + textwrap.dedent(body)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(backend_kwargs["backend"]),
+            repr(backend_kwargs["backend_options"]),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("scenario", sorted(SIGINT_SCENARIOS))
+def test_ctrl_c_exits_promptly(backend_kwargs: dict[str, object], scenario: str) -> None:
+    process = _spawn(SIGINT_SCENARIOS[scenario], backend_kwargs)
+    assert process.stdout is not None
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        interrupted_at = time.monotonic()
+        os.kill(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+        elapsed = time.monotonic() - interrupted_at
+    finally:
+        process.kill()
+        process.wait()
+    assert elapsed < 2.0, f"took {elapsed:.2f} s to exit after Ctrl-C:\n{stderr}"
+    assert "KeyboardInterrupt" in stderr
+    assert "Exception ignored" not in stderr
+    assert process.returncode != 0
+
+
+def test_interpreter_exit_finishes_submitted_work_silently(
+    backend_kwargs: dict[str, object],
+) -> None:
+    body = """
+pool = PortalPool(2, backend=backend, backend_options=options)
+import threading
+lock, finished = threading.Lock(), []
+
+def report(future):
+    with lock:
+        finished.append(future.result())
+        if len(finished) == 6:
+            print("all done", sum(finished), flush=True)
+
+for n in range(6):
+    pool.submit(slow_value, n).add_done_callback(report)
+# the script ends here, without shutdown()
+"""
+    process = _spawn(body, backend_kwargs)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert stderr == ""
+    assert "all done 15" in stdout
