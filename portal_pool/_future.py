@@ -1,4 +1,4 @@
-"""The future handed out by the pool: a ``concurrent.futures.Future`` that can stop a running task."""
+"""The pool's future: a ``concurrent.futures.Future`` that can also stop a running task."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from concurrent.futures._base import (  # the states are not re-exported publicl
     PENDING,
     RUNNING,
 )
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class TaskFuture(Future[T]):
 
     def __init__(
         self,
-        worker: Worker,
+        worker: Worker[Any],
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -59,7 +60,7 @@ class TaskFuture(Future[T]):
         """
         previous = self._transition_to_cancelled()
         if previous is None:
-            return not self._state == FINISHED
+            return self._state != FINISHED
         if previous == RUNNING:
             self._worker._request_cancel(self)
         else:
@@ -98,13 +99,11 @@ class TaskFuture(Future[T]):
     def _settle(self, ok: bool, value: Any) -> None:
         """Record the task's outcome, unless the future was cancelled meanwhile."""
         self._canceller = None
-        try:
+        with suppress(InvalidStateError):  # cancelled while the task ran: cancel wins
             if ok:
                 self.set_result(value)
             else:
                 self.set_exception(value)
-        except InvalidStateError:
-            pass  # cancelled while the task ran: the cancellation wins
         self._task_exited()
 
     def _settle_cancelled(self) -> None:
@@ -119,10 +118,8 @@ class TaskFuture(Future[T]):
         with self._condition:
             if self._state == PENDING:
                 self._state = RUNNING
-        try:
+        with suppress(InvalidStateError):
             self.set_exception(exc)
-        except InvalidStateError:
-            pass
         self._task_exited()
 
     def _task_exited(self) -> None:
@@ -149,5 +146,5 @@ class TaskFuture(Future[T]):
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # private, stable since 3.2
         return previous

@@ -10,7 +10,7 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, suppress
 from itertools import islice
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -134,7 +134,7 @@ class PortalPool(Executor, Generic[C]):
     @overload
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
 
-    def submit(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Future[Any]:  # type: ignore[override]
+    def submit(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Future[Any]:
         """Schedule ``fn(*args, **kwargs)`` on a worker and return its future.
 
         Never blocks on a worker's loop, so it is safe from any thread, including one
@@ -185,14 +185,34 @@ class PortalPool(Executor, Generic[C]):
             raise RuntimeError("cannot schedule new futures after shutdown")
         return await self._next_worker().run_async(fn, *args, **kwargs)
 
-    def map(  # type: ignore[override]
+    @overload
+    def map(
         self,
-        fn: Callable[..., Awaitable[T] | T],
+        fn: Callable[..., Awaitable[T]],
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
         buffersize: int | None = None,
-    ) -> Iterator[T]:
+    ) -> Iterator[T]: ...
+
+    @overload
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[T]: ...
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[Any]:
         """Like :meth:`concurrent.futures.Executor.map` of Python 3.14, on any Python.
 
         Results come in input order. With ``buffersize``, at most that many units of
@@ -216,7 +236,7 @@ class PortalPool(Executor, Generic[C]):
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or >= 0")
         end_time = None if timeout is None else time.monotonic() + timeout
-        arguments: Iterator[tuple[Any, ...]] = zip(*iterables)
+        arguments: Iterator[tuple[Any, ...]] = zip(*iterables)  # noqa: B905 - map stops at the shortest
         if chunksize == 1:
             units: Iterator[Any] = arguments
             submit_unit = _item_submitter(self, fn)
@@ -227,7 +247,8 @@ class PortalPool(Executor, Generic[C]):
             futures = deque(submit_unit(unit) for unit in units)
         else:
             futures = deque(submit_unit(unit) for unit in islice(units, buffersize))
-        refill = None if buffersize is None else (units, weakref.ref(self))
+        pool_ref: weakref.ref[PortalPool[Any]] = weakref.ref(self)
+        refill = None if buffersize is None else (units, pool_ref)
         return _ordered_results(futures, submit_unit, refill, end_time, chunksize > 1)
 
     # -- shutting down ------------------------------------------------------------------
@@ -405,10 +426,8 @@ def _at_interpreter_exit() -> None:
     last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
     workers = list(_live_workers)
     _stop_workers(workers, isinstance(last, KeyboardInterrupt))
-    try:
+    with suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting, let Python exit
         _join_workers(workers)
-    except KeyboardInterrupt:
-        pass  # _join_workers already cancelled and joined everything
 
 
 # The same hook ThreadPoolExecutor uses: atexit.register would run only after the

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from inspect import isawaitable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:
     from ._future import TaskFuture
@@ -163,9 +163,10 @@ def _is_trio_cancellation(exc: BaseException, cancelled: type[BaseException]) ->
     """True for ``Cancelled``, or a group of nothing but ``Cancelled`` from a nursery."""
     if isinstance(exc, cancelled):
         return True
-    group = getattr(exc, "exceptions", None)
+    group: object = getattr(exc, "exceptions", None)
     if isinstance(group, tuple) and group:
-        return all(_is_trio_cancellation(inner, cancelled) for inner in group)
+        members = cast("tuple[BaseException, ...]", group)
+        return all(_is_trio_cancellation(inner, cancelled) for inner in members)
     return False
 
 
@@ -207,7 +208,7 @@ async def run_chunk_asyncio(
         results = await asyncio.gather(
             *(_call_asyncio(_identity, (awaitable,), {}) for _, awaitable in awaitables)
         )
-        for (position, _), outcome in zip(awaitables, results):
+        for (position, _), outcome in zip(awaitables, results, strict=True):
             outcomes[position] = outcome
     return outcomes
 

@@ -281,7 +281,7 @@ class Worker(Generic[C_co]):
                 backend=self._backend,
                 backend_options=self._backend_options,
             )
-        except BaseException as exc:  # noqa: BLE001 - reported through the futures
+        except BaseException as exc:  # reported through the futures
             if not self._ready.done():
                 self._ready.set_exception(exc)
             else:
@@ -337,7 +337,7 @@ class Worker(Generic[C_co]):
                 self._ready.set_exception(
                     BrokenPortalPool(f"worker {self._index} was stopped while starting")
                 )
-        except BaseException as exc:  # noqa: BLE001 - reported, and the portal stopped
+        except BaseException as exc:  # reported; the portal still stops
             if not self._ready.done():
                 self._ready.set_exception(exc)
             else:

@@ -55,8 +55,9 @@ def test_each_worker_enters_once_in_its_own_loop(backend_kwargs: dict[str, Any])
     with PortalPool(3, worker_context=per_loop, **backend_kwargs) as pool:
         assert len(resources) == 3  # all entered before the constructor returned
         results = [pool.submit(task).result(timeout=10) for _ in range(12)]
-        assert [w.context for w in pool.workers] == resources
-    threads = {w.index: t for w, t in zip(pool.workers, [r.thread for r in resources])}
+        contexts = [w.context for w in pool.workers]
+        assert {id(c) for c in contexts} == {id(r) for r in resources}  # one each
+        threads = {w.index: w.context.thread for w in pool.workers}
     assert all(threads[index] == thread for index, thread in results)
     assert sorted(kind for kind, _ in events) == ["enter"] * 3 + ["exit"] * 3
     assert all(r.closed and r.uses == 4 for r in resources)
