@@ -15,12 +15,19 @@ from collections.abc import Awaitable, Callable
 from inspect import isawaitable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from ._future import PENDING
+
 if TYPE_CHECKING:
     from ._future import TaskFuture
+
+Outcome = tuple[bool, Any]
 
 
 class Runtime(Protocol):
     """What a worker needs from its backend, once its loop is running."""
+
+    #: False once the container is closing: a dying loop must not take new work.
+    accepting: bool
 
     async def serve(self, on_ready: Callable[[], object]) -> None:
         """Open the task container, call ``on_ready``, run until stopped and joined."""
@@ -31,10 +38,18 @@ class Runtime(Protocol):
     def request_stop(self, cancel: bool) -> None:
         """Let :meth:`serve` return once its tasks are done; ``cancel`` cancels them."""
 
+    def unfinished(self) -> list[TaskFuture[Any]]:
+        """Futures of tasks started here and not yet settled (after a loop died)."""
 
-async def _call_asyncio(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[bool, Any]:
+
+async def _call_asyncio(runtime: AsyncioRuntime, future: TaskFuture[Any]) -> Outcome | None:
+    """Run the future's call; ``None`` if it never started (cancelled, or the loop died)."""
+    # The future turns RUNNING here, in the task's first step, not at spawn: a task
+    # that a dying loop cancels before it ever ran leaves its future PENDING, and the
+    # work goes back to the inbox for the next loop instead of being lost.
+    if not runtime.accepting or not future.set_running_or_notify_cancel():
+        return None
+    fn, args, kwargs = future._take_call()
     # Every exception but cancellation becomes an outcome. asyncio re-raises
     # KeyboardInterrupt and SystemExit out of the loop itself, which would kill every
     # other task on this worker; here they go to the caller's future instead.
@@ -52,37 +67,59 @@ async def _call_asyncio(
 class AsyncioRuntime:
     """Tasks on an asyncio (or uvloop) loop, joined like a task group."""
 
-    def __init__(self) -> None:
+    def __init__(self, requeue: Callable[[TaskFuture[Any]], None]) -> None:
         self._loop = asyncio.get_running_loop()
-        self._running: dict[asyncio.Task[tuple[bool, Any]], TaskFuture[Any]] = {}
-        self._stop = asyncio.Event()
+        self._requeue = requeue
+        self._running: dict[asyncio.Task[Outcome | None], TaskFuture[Any]] = {}
+        # Awaited by the worker's main task while it serves. Cancelling a task cancels
+        # the future it awaits at once, so a dying loop (whose teardown cancels every
+        # task before running queued callbacks) is visible here before any further
+        # drain of the inbox runs; an asyncio.Event would not show it.
+        self._serving: asyncio.Future[None] = self._loop.create_future()
         self._idle: asyncio.Future[None] | None = None
+        self._joined = False
+
+    @property
+    def accepting(self) -> bool:
+        return not (self._joined or self._serving.cancelled())
 
     async def serve(self, on_ready: Callable[[], object]) -> None:
         on_ready()
         try:
-            await self._stop.wait()
+            await self._serving
         finally:
             await self._join()
+            self._joined = True
 
     def start(self, future: TaskFuture[Any]) -> None:
-        task = self._loop.create_task(_call_asyncio(*future._take_call()))
+        task = self._loop.create_task(_call_asyncio(self, future))
         future._canceller = task.cancel
         self._running[task] = future
         task.add_done_callback(self._task_done)
 
     def request_stop(self, cancel: bool) -> None:
-        self._stop.set()
+        if not self._serving.done():
+            self._serving.set_result(None)
         if cancel:
             for task in self._running:
                 task.cancel()
 
-    def _task_done(self, task: asyncio.Task[tuple[bool, Any]]) -> None:
+    def unfinished(self) -> list[TaskFuture[Any]]:
+        return [future for future in self._running.values() if future.running()]
+
+    def _task_done(self, task: asyncio.Task[Outcome | None]) -> None:
         future = self._running.pop(task)
-        if task.cancelled():
+        if future._state == PENDING:  # the task never started
+            if self.accepting:
+                future.cancel()  # shutdown(cancel_futures=True) reached it first
+            else:
+                self._requeue(future)
+        elif task.cancelled():
             future._settle_cancelled()
         else:
-            future._settle(*task.result())
+            outcome = task.result()
+            if outcome is not None:
+                future._settle(*outcome)
         if not self._running and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
@@ -105,18 +142,28 @@ class AsyncioRuntime:
 class TrioRuntime:
     """Tasks in a trio nursery, each in its own cancel scope."""
 
-    def __init__(self) -> None:
+    def __init__(self, requeue: Callable[[TaskFuture[Any]], None]) -> None:
         import trio
 
         self._trio = trio
+        self._requeue = requeue
         self._stop = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._running: set[TaskFuture[Any]] = set()
+        self.accepting = True
 
     async def serve(self, on_ready: Callable[[], object]) -> None:
-        async with self._trio.open_nursery() as nursery:
-            self._nursery = nursery
-            on_ready()
-            await self._stop.wait()
+        try:
+            async with self._trio.open_nursery() as nursery:
+                self._nursery = nursery
+                on_ready()
+                try:
+                    await self._stop.wait()
+                except BaseException:
+                    self.accepting = False  # cancelled from outside: the loop is dying
+                    raise
+        finally:
+            self.accepting = False
 
     def start(self, future: TaskFuture[Any]) -> None:
         assert self._nursery is not None
@@ -124,21 +171,25 @@ class TrioRuntime:
         # spawn and first step is not lost: entering a cancelled scope raises at once.
         scope = self._trio.CancelScope()
         future._canceller = scope.cancel
-        self._nursery.start_soon(self._call, future, scope, *future._take_call())
+        self._nursery.start_soon(self._call, future, scope)
 
     def request_stop(self, cancel: bool) -> None:
         self._stop.set()
         if cancel and self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def _call(
-        self,
-        future: TaskFuture[Any],
-        scope: Any,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
+    def unfinished(self) -> list[TaskFuture[Any]]:
+        return [future for future in self._running if future.running()]
+
+    async def _call(self, future: TaskFuture[Any], scope: Any) -> None:
+        # As on asyncio: RUNNING only once the task runs, and a dying loop requeues.
+        if not self.accepting:
+            self._requeue(future)
+            return
+        if not future.set_running_or_notify_cancel():
+            return
+        self._running.add(future)
+        fn, args, kwargs = future._take_call()
         outcome: tuple[bool, Any] | None = None
         try:
             with scope:
@@ -153,6 +204,7 @@ class TrioRuntime:
                 else:
                     outcome = (True, value)
         finally:
+            self._running.discard(future)
             if outcome is None:
                 future._settle_cancelled()
             else:
@@ -170,13 +222,14 @@ def _is_trio_cancellation(exc: BaseException, cancelled: type[BaseException]) ->
     return False
 
 
-def make_runtime(backend: str) -> Runtime:
-    return TrioRuntime() if backend == "trio" else AsyncioRuntime()
+def make_runtime(backend: str, requeue: Callable[[TaskFuture[Any]], None]) -> Runtime:
+    """The runtime for ``backend``; ``requeue`` takes back work a dying loop never ran."""
+    if backend == "trio":
+        return TrioRuntime(requeue)
+    return AsyncioRuntime(requeue)
 
 
 # -- map chunks: one task and one future serve many items --------------------------------
-
-Outcome = tuple[bool, Any]
 
 
 def _start_calls(
@@ -205,9 +258,7 @@ async def run_chunk_asyncio(
     outcomes, awaitables = _start_calls(fn, chunk)
     if awaitables:
         # gather waits for every child even when cancelled, so none outlives the chunk.
-        results = await asyncio.gather(
-            *(_call_asyncio(_identity, (awaitable,), {}) for _, awaitable in awaitables)
-        )
+        results = await asyncio.gather(*(_outcome_of(awaitable) for _, awaitable in awaitables))
         for (position, _), outcome in zip(awaitables, results, strict=True):
             outcomes[position] = outcome
     return outcomes
@@ -236,5 +287,10 @@ async def run_chunk_trio(
     return outcomes
 
 
-def _identity(value: Any) -> Any:
-    return value
+async def _outcome_of(awaitable: Awaitable[Any]) -> Outcome:
+    try:
+        return True, await awaitable
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # as in _call_asyncio: never out of the loop
+        return False, exc

@@ -99,6 +99,8 @@ class Worker(Generic[C_co]):
         self._thread = threading.Thread(target=self._thread_main, name=thread_name)
         self._spawner: threading.Thread | None = None
         self._startup_scope: anyio.CancelScope | None = None
+        self._failure: BaseException | None = None
+        self._restarts = 0
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -252,19 +254,27 @@ class Worker(Generic[C_co]):
     # -- loop side ---------------------------------------------------------------
 
     def _call_soon(self, fn: Callable[..., object], *args: Any) -> None:
+        # Undeliverable calls are dropped on purpose: a loop that is gone is either being
+        # replaced (the next one drains the inbox) or the worker is ending (its thread
+        # fails what is queued), and the tasks it ran are settled by the supervisor.
         token = self._token
-        if token is None or not _call_soon_or_drop(token, fn, *args):
-            self._fail_queued(BrokenPortalPool(f"worker {self._index}'s event loop is gone"))
+        if token is not None:
+            _call_soon_or_drop(token, fn, *args)
 
     def _drain(self) -> None:
+        runtime = self._runtime
+        if runtime is None or not runtime.accepting:
+            return  # a dying loop: the inbox waits for the next one
         with self._lock:
             self._wake_pending = False
             batch, self._inbox = self._inbox, deque()
-        runtime = self._runtime
-        assert runtime is not None
+        start = runtime.start
         for future in batch:
-            if future.set_running_or_notify_cancel():
-                runtime.start(future)
+            start(future)  # a cancelled future's task returns at its first step
+
+    def _requeue(self, future: TaskFuture[Any]) -> None:
+        with self._lock:
+            self._inbox.appendleft(future)
 
     def _stop_in_loop(self, cancel: bool) -> None:
         self._drain()
@@ -276,30 +286,61 @@ class Worker(Generic[C_co]):
         self._thread_ident = threading.get_ident()
         _thread_state.worker = self
         try:
+            # Supervision: a loop that dies on its own (not stopped by us) is replaced by
+            # a new loop, portal and worker_context; queued work waits for it. A loop that
+            # cannot even start again leaves the worker broken rather than spinning.
+            while True:
+                failure, accepted = self._run_one_loop()
+                with self._lock:
+                    stopping = self._stop_request is not None
+                if failure is None or stopping or not accepted:
+                    break
+                self._restarts += 1
+                logger.warning(
+                    "worker %d's event loop failed; restarting it (restart %d)",
+                    self._index,
+                    self._restarts,
+                    exc_info=failure,
+                )
+        finally:
+            with self._lock:
+                self._closed = True
+            self._fail_queued(BrokenPortalPool(f"worker {self._index}'s event loop stopped"))
+            self._context = None
+            _thread_state.worker = None
+            # Thread idents are reused once a thread ends: forget ours before that.
+            self._thread_ident = None
+            self._exited.set_result(None)
+
+    def _run_one_loop(self) -> tuple[BaseException | None, bool]:
+        """Run one event loop to its end; return why it ended and if it accepted work."""
+        self._failure = None
+        try:
             anyio.run(
                 self._serve_portal,
                 backend=self._backend,
                 backend_options=self._backend_options,
             )
-        except BaseException as exc:  # reported through the futures
-            if not self._ready.done():
-                self._ready.set_exception(exc)
-            else:
-                logger.error("worker %d's event loop failed", self._index, exc_info=exc)
-        finally:
-            if self._spawner is not None:
-                self._spawner.join()  # it ended as soon as the main task was spawned
-                self._spawner = None
-            with self._lock:
-                self._closed = True
-                self._runtime = None
-            self._fail_queued(BrokenPortalPool(f"worker {self._index}'s event loop stopped"))
-            self._context = None
+        except BaseException as exc:  # reported by the supervisor and the futures
+            self._failure = exc
+        if self._spawner is not None:
+            self._spawner.join()  # it ended as soon as the main task was spawned
+            self._spawner = None
+        failure = self._failure
+        with self._lock:
+            runtime, self._runtime = self._runtime, None
+            self._token = None
             self._portal = None
-            _thread_state.worker = None
-            # Thread idents are reused once a thread ends: forget ours before that.
-            self._thread_ident = None
-            self._exited.set_result(None)
+            self._startup_scope = None
+            # Until the next loop drains the inbox, submitters only append to it.
+            self._wake_pending = True
+        if failure is not None and not self._ready.done():
+            self._ready.set_exception(failure)
+        if runtime is not None and failure is not None:
+            broken = BrokenPortalPool(f"worker {self._index}'s event loop failed: {failure!r}")
+            for future in runtime.unfinished():
+                future._settle_broken(broken)
+        return failure, runtime is not None
 
     async def _serve_portal(self) -> None:
         async with BlockingPortal() as portal:
@@ -326,7 +367,7 @@ class Worker(Generic[C_co]):
                     self._startup_scope = startup
                     if self._stop_request is True:
                         startup.cancel()  # Ctrl-C or a failed sibling before we began
-                runtime = make_runtime(self._backend)
+                runtime = make_runtime(self._backend, self._requeue)
                 async with AsyncExitStack() as stack:
                     if self._context_factory is not None:
                         self._context = await stack.enter_async_context(
@@ -337,11 +378,14 @@ class Worker(Generic[C_co]):
                 self._ready.set_exception(
                     BrokenPortalPool(f"worker {self._index} was stopped while starting")
                 )
-        except BaseException as exc:  # reported; the portal still stops
-            if not self._ready.done():
-                self._ready.set_exception(exc)
+        except BaseException as exc:  # reported by the supervisor; the portal still stops
+            with self._lock:
+                stopping = self._stop_request is not None
+            if stopping and self._runtime is not None:
+                # Shutdown goes on: the worker_context's exit failed, or cleanup did.
+                logger.error("worker %d failed while stopping", self._index, exc_info=exc)
             else:
-                logger.error("worker %d failed", self._index, exc_info=exc)
+                self._failure = exc
         finally:
             await portal.stop()
 
@@ -355,7 +399,9 @@ class Worker(Generic[C_co]):
         with self._lock:
             self._runtime = runtime
             stop = self._stop_request
-        self._ready.set_result(None)
+        if not self._ready.done():
+            self._ready.set_result(None)
+        self._drain()  # work queued while a previous loop was being replaced
         if stop is not None:
             self._stop_in_loop(stop)
 

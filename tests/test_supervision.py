@@ -1,0 +1,130 @@
+"""Supervision: a worker whose event loop dies is replaced, and nothing is left pending."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import wait
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from portal_pool import BrokenPortalPool, PortalPool, current_worker
+
+MakePool = Callable[..., PortalPool[Any]]
+
+
+def kill_current_loop() -> None:
+    """Fault injection: make the calling worker's event loop itself fail."""
+    if current_worker()._backend == "trio":
+        import trio
+
+        def explode() -> None:
+            raise RuntimeError("injected loop failure")
+
+        # trio treats an exception in a run_sync_soon callback as fatal to the run.
+        trio.lowlevel.current_trio_token().run_sync_soon(explode)
+    else:
+        import asyncio
+
+        asyncio.get_running_loop().stop()  # run_until_complete then raises
+
+
+class RecordEvents(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.arrived = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.arrived.set()
+
+
+@pytest.fixture
+def pool_log() -> Any:
+    handler = RecordEvents()
+    logger = logging.getLogger("portal_pool")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+def test_dead_loop_is_replaced_and_its_futures_resolve(
+    backend_kwargs: dict[str, Any], pool_log: RecordEvents
+) -> None:
+    entries: list[int] = []
+
+    @asynccontextmanager
+    async def resource() -> AsyncIterator[int]:
+        entries.append(threading.get_ident())
+        yield len(entries)
+
+    started = threading.Semaphore(0)
+
+    async def victim() -> None:
+        started.release()
+        await anyio.sleep(3600)
+
+    async def killer() -> None:
+        kill_current_loop()
+        await anyio.sleep(3600)
+
+    with PortalPool(1, worker_context=resource, **backend_kwargs) as pool:
+        worker = pool.workers[0]
+        assert worker.run(lambda: current_worker().context) == 1
+        victims = [worker.submit(victim) for _ in range(3)]
+        for _ in victims:
+            assert started.acquire(timeout=10)
+        doomed = worker.submit(killer)
+        done, pending = wait([*victims, doomed], timeout=10)
+        assert not pending
+        for future in done:
+            # Cancelled by the dying loop's cleanup, or failed with BrokenPortalPool.
+            assert future.cancelled() or isinstance(future.exception(), BrokenPortalPool)
+        # The worker came back with a new loop and a freshly entered context.
+        assert worker.run(lambda: current_worker().context) == 2
+        assert pool.run(lambda: "serving") == "serving"
+    assert worker._restarts == 1
+    assert pool_log.arrived.is_set()
+    assert any("restarting" in r.getMessage() for r in pool_log.records)
+
+
+def test_work_queued_during_a_restart_is_not_lost(backend_kwargs: dict[str, Any]) -> None:
+    with PortalPool(1, **backend_kwargs) as pool:
+        worker = pool.workers[0]
+
+        def kill_and_queue() -> list[Any]:
+            kill_current_loop()
+            # Submitted from inside the dying loop: it must run on the next one.
+            return [worker.submit(lambda n=n: n * 10) for n in range(5)]
+
+        queued = worker.submit(kill_and_queue).result(timeout=10)
+        assert [f.result(timeout=10) for f in queued] == [0, 10, 20, 30, 40]
+
+
+def test_a_worker_that_cannot_restart_is_broken_not_spinning(
+    backend_kwargs: dict[str, Any],
+) -> None:
+    entries = 0
+
+    @asynccontextmanager
+    async def only_once() -> AsyncIterator[None]:
+        nonlocal entries
+        entries += 1
+        if entries > 1:
+            raise ConnectionError("cannot reconnect")
+        yield
+
+    pool = PortalPool(1, worker_context=only_once, **backend_kwargs)
+    worker = pool.workers[0]
+    worker.submit(kill_current_loop)
+    worker._thread.join(10)
+    assert not worker._thread.is_alive()
+    with pytest.raises(BrokenPortalPool):
+        worker.submit(anyio.sleep, 0)
+    pool.shutdown()
+    assert entries == 2
