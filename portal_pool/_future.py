@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+__all__ = ["CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED", "PENDING", "RUNNING", "TaskFuture"]
+
 
 class TaskFuture(Future[T]):
     """A future whose :meth:`cancel` also reaches a task that is already running.
@@ -123,6 +125,8 @@ class TaskFuture(Future[T]):
         self._task_exited()
 
     def _task_exited(self) -> None:
+        """Called exactly once per future, when its task is over or will never run."""
+        self._worker._record_exit(self)
         callback, self._on_task_exit = self._on_task_exit, None
         if callback is not None:
             callback()

@@ -7,22 +7,40 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Executor, Future
 from contextlib import AbstractAsyncContextManager, suppress
-from itertools import islice
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import anyio
-from anyio.lowlevel import current_token
 
 from ._backends import check_backend
 from ._exceptions import BrokenPortalPool
-from ._runtime import Outcome, run_chunk_asyncio, run_chunk_trio
-from ._scheduler import RoundRobin
-from ._worker import Worker, _call_soon_or_drop, check_callable, wait_for_result
+from ._flow import PendingLimit
+from ._iteration import (
+    Window,
+    batched,
+    ordered_results,
+    ordered_results_async,
+    unordered_results,
+    unordered_results_async,
+)
+from ._runtime import run_chunk_asyncio, run_chunk_trio
+from ._scheduler import Scheduler, make_scheduler
+from ._statistics import PoolStatistics
+from ._tokens import wait_future
+from ._watchdog import StallWatchdog
+from ._worker import Worker, check_callable, wait_for_result
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -35,9 +53,9 @@ _live_workers: weakref.WeakSet[Worker[Any]] = weakref.WeakSet()
 class PortalPool(Executor, Generic[C]):
     """A pool of worker threads, each running one event loop behind an anyio portal.
 
-    Work is spread over the workers round robin. Coroutine functions are awaited in the
-    worker's loop; sync callables run in the loop thread and block that loop while they
-    run, so keep them short or hand them to ``anyio.to_thread`` inside a coroutine.
+    Coroutine functions are awaited in the worker's loop; sync callables run in the loop
+    thread and block that loop while they run, so keep them short or hand them to
+    ``anyio.to_thread`` inside a coroutine.
 
     :param max_workers: number of worker threads; ``None`` means one per CPU
     :param backend: ``"asyncio"`` or ``"trio"``
@@ -46,7 +64,14 @@ class PortalPool(Executor, Generic[C]):
         worker enters in its own loop before accepting work and exits after its last
         task; tasks read the value as ``current_worker().context``
     :param thread_name_prefix: prefix of the worker thread names
-    :raises ValueError: for a bad ``max_workers``, backend or backend option
+    :param schedule: ``"round_robin"``, ``"least_loaded"`` or a :class:`Scheduler`
+    :param max_concurrency: per-worker cap on running tasks; more work waits in the
+        worker without starting
+    :param max_pending: pool-wide cap on unfinished tasks; ``submit`` blocks and
+        ``run_async`` waits (without blocking its loop) while the pool is full
+    :param stall_timeout: seconds after which an unresponsive worker loop is reported
+        on the ``portal_pool`` logger with its thread's stack; ``None`` disables it
+    :raises ValueError: for a bad ``max_workers``, backend, option, policy or limit
     :raises ImportError: if the backend's package is not installed
     :raises BrokenPortalPool: if a worker's loop or ``worker_context`` fails to start;
         no thread is left running
@@ -60,6 +85,10 @@ class PortalPool(Executor, Generic[C]):
         backend_options: Mapping[str, Any] | None = None,
         worker_context: Callable[[], AbstractAsyncContextManager[C]] | None = None,
         thread_name_prefix: str = "portal_pool",
+        schedule: str | Scheduler = "round_robin",
+        max_concurrency: int | None = None,
+        max_pending: int | None = None,
+        stall_timeout: float | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = _cpu_count()
@@ -71,9 +100,15 @@ class PortalPool(Executor, Generic[C]):
                 "worker_context must be a zero-argument callable returning an async "
                 f"context manager, got {type(worker_context).__name__}"
             )
+        for name, value in (("max_concurrency", max_concurrency), ("max_pending", max_pending)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if stall_timeout is not None and not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be None or > 0 seconds, got {stall_timeout!r}")
         self._backend = backend
         self._run_chunk = run_chunk_trio if backend == "trio" else run_chunk_asyncio
-        self._scheduler = RoundRobin()
+        self._scheduler = make_scheduler(schedule)
+        self._pending_limit = None if max_pending is None else PendingLimit(max_pending)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._workers: tuple[Worker[C], ...] = tuple(
@@ -83,13 +118,24 @@ class PortalPool(Executor, Generic[C]):
                 backend_options=options,
                 context_factory=worker_context,
                 thread_name=f"{thread_name_prefix}-{index}",
+                max_concurrency=max_concurrency,
+                pending_limit=self._pending_limit,
             )
             for index in range(max_workers)
         )
+        self._loads = _Loads(self._workers)
         self._start_workers()
+        self._watchdog = None
+        if stall_timeout is not None:
+            self._watchdog = StallWatchdog(
+                self._workers, stall_timeout, f"{thread_name_prefix}-watchdog"
+            )
+            self._watchdog.start()
         # Like ThreadPoolExecutor: a pool dropped without shutdown() still lets its
         # workers finish what they hold and exit. The callback must not hold the pool.
-        self._finalizer = weakref.finalize(self, _stop_workers, self._workers, False)
+        self._finalizer = weakref.finalize(
+            self, _close, self._workers, self._pending_limit, self._watchdog
+        )
         self._finalizer.atexit = False
 
     def _start_workers(self) -> None:
@@ -122,7 +168,39 @@ class PortalPool(Executor, Generic[C]):
         return self._backend
 
     def _next_worker(self) -> Worker[C]:
-        return self._workers[self._scheduler.choose(len(self._workers))]
+        index = self._scheduler.choose(self._loads)
+        if not 0 <= index < len(self._workers):
+            raise ValueError(
+                f"the scheduler chose worker {index!r}; it must return an index in "
+                f"range({len(self._workers)})"
+            )
+        return self._workers[index]
+
+    def worker_for(self, key: Hashable) -> Worker[C]:
+        """The worker for ``key``: the same one for the pool's lifetime, keys spread evenly.
+
+        Use it for work tied to loop-bound state, e.g. one connection per tenant:
+        ``pool.worker_for(tenant).submit(handle, request)``.
+        """
+        # Fibonacci hashing spreads keys whose hashes share a pattern (such as
+        # multiples of the worker count) evenly; hash() alone would not.
+        mixed = (hash(key) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        return self._workers[(mixed >> 32) % len(self._workers)]
+
+    def stats(self) -> PoolStatistics:
+        """A snapshot of every worker's counters, and their totals. Never blocks a loop."""
+        workers = tuple(worker._statistics() for worker in self._workers)
+        return PoolStatistics(
+            workers=workers,
+            running=sum(w.running for w in workers),
+            queued=sum(w.queued for w in workers),
+            completed=sum(w.completed for w in workers),
+            failed=sum(w.failed for w in workers),
+            cancelled=sum(w.cancelled for w in workers),
+            restarts=sum(w.restarts for w in workers),
+            stalls=sum(w.stalls for w in workers),
+            pending=sum(w.running + w.queued for w in workers),
+        )
 
     # -- submitting ------------------------------------------------------------------
 
@@ -228,28 +306,90 @@ class PortalPool(Executor, Generic[C]):
         check_callable(fn)
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize must be an integer >= 1")
-        if buffersize is not None:
-            if not isinstance(buffersize, int):
-                raise TypeError("buffersize must be an integer or None")
-            if buffersize < 1:
-                raise ValueError("buffersize must be None or > 0")
+        _check_buffersize(buffersize)
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or >= 0")
         end_time = None if timeout is None else time.monotonic() + timeout
-        arguments: Iterator[tuple[Any, ...]] = zip(*iterables)  # noqa: B905 - map stops at the shortest
+        arguments = zip(*iterables)  # noqa: B905 - map stops at the shortest input
         if chunksize == 1:
-            units: Iterator[Any] = arguments
-            submit_unit = _item_submitter(self, fn)
-        else:
-            units = _batched(arguments, chunksize)
-            submit_unit = _chunk_submitter(self, fn)
-        if buffersize is None:
-            futures = deque(submit_unit(unit) for unit in units)
-        else:
-            futures = deque(submit_unit(unit) for unit in islice(units, buffersize))
-        pool_ref: weakref.ref[PortalPool[Any]] = weakref.ref(self)
-        refill = None if buffersize is None else (units, pool_ref)
-        return _ordered_results(futures, submit_unit, refill, end_time, chunksize > 1)
+            return ordered_results(
+                Window(arguments, buffersize), self._item_submitter(fn), end_time, False
+            )
+        run_chunk, pool_ref = self._run_chunk, weakref.ref(self)
+
+        def submit_chunk(chunk: tuple[tuple[Any, ...], ...]) -> Future[Any]:
+            return _alive(pool_ref).submit(run_chunk, fn, chunk)
+
+        window = Window(batched(arguments, chunksize), buffersize)
+        return ordered_results(window, submit_chunk, end_time, True)
+
+    def map_unordered(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], buffersize: int | None = None
+    ) -> Iterator[Any]:
+        """Like :meth:`map`, but yield each result as soon as it is ready.
+
+        :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
+        :raises ValueError: for ``buffersize < 1``
+        """
+        check_callable(fn)
+        _check_buffersize(buffersize)
+        window = Window(zip(*iterables), buffersize)  # noqa: B905
+        return unordered_results(window, self._item_submitter(fn))
+
+    def map_async(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], buffersize: int | None = None
+    ) -> AsyncIterator[Any]:
+        """:meth:`map` for async callers on asyncio or trio: ``async for`` over results.
+
+        Waiting never blocks the caller's loop. Leaving the loop early (``break``, an
+        exception, cancellation) cancels the outstanding items; wrap the iterator in
+        ``contextlib.aclosing`` so that happens at once rather than at garbage collection.
+
+        :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
+        :raises ValueError: for ``buffersize < 1``
+        """
+        check_callable(fn)
+        _check_buffersize(buffersize)
+        window = Window(zip(*iterables), buffersize)  # noqa: B905
+        return ordered_results_async(window, self._item_submitter_async(fn))
+
+    def map_unordered_async(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], buffersize: int | None = None
+    ) -> AsyncIterator[Any]:
+        """:meth:`map_unordered` for async callers on asyncio or trio; see :meth:`map_async`.
+
+        :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
+        :raises ValueError: for ``buffersize < 1``
+        """
+        check_callable(fn)
+        _check_buffersize(buffersize)
+        window = Window(zip(*iterables), buffersize)  # noqa: B905
+        return unordered_results_async(window, self._item_submitter_async(fn))
+
+    def _item_submitter(self, fn: Callable[..., Any]) -> Callable[[Any], Future[Any]]:
+        # A weak reference, as in Executor.map: an abandoned iterator must not keep the
+        # pool alive.
+        pool_ref = weakref.ref(self)
+
+        def submit_item(args: tuple[Any, ...]) -> Future[Any]:
+            return _alive(pool_ref).submit(fn, *args)
+
+        return submit_item
+
+    def _item_submitter_async(
+        self, fn: Callable[..., Any]
+    ) -> Callable[[Any], Awaitable[Future[Any]]]:
+        pool_ref = weakref.ref(self)
+
+        async def submit_item(args: tuple[Any, ...]) -> Future[Any]:
+            pool = _alive(pool_ref)
+            if pool._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            worker = pool._next_worker()
+            await worker._admit_async()
+            return worker._submit_admitted(fn, args, {})
+
+        return submit_item
 
     # -- shutting down ------------------------------------------------------------------
 
@@ -267,9 +407,11 @@ class PortalPool(Executor, Generic[C]):
             self._check_not_in_own_loop("shutdown(wait=True)")
         with self._shutdown_lock:
             self._shutdown = True
-        _stop_workers(self._workers, cancel_futures)
+        _close(self._workers, self._pending_limit, self._watchdog, cancel=cancel_futures)
         if wait:
             _join_workers(self._workers)
+            if self._watchdog is not None:
+                self._watchdog.stop(wait=True)
 
     def __exit__(
         self,
@@ -292,18 +434,20 @@ class PortalPool(Executor, Generic[C]):
         self._check_not_in_own_loop("leaving 'async with'")
         with self._shutdown_lock:
             self._shutdown = True
-        _stop_workers(self._workers, exc_type is not None)
+        _close(self._workers, self._pending_limit, self._watchdog, cancel=exc_type is not None)
         try:
             for worker in self._workers:
-                await _wait_done(worker._exited)
+                await wait_future(worker._exited)
         except BaseException:
             _stop_workers(self._workers, True)
             with anyio.CancelScope(shield=True):
                 for worker in self._workers:
-                    await _wait_done(worker._exited)
+                    await wait_future(worker._exited)
             raise
         finally:
             _join_workers(self._workers)
+            if self._watchdog is not None:
+                self._watchdog.stop(wait=True)
 
     def _check_not_in_own_loop(self, what: str) -> None:
         for worker in self._workers:
@@ -315,74 +459,48 @@ def _cpu_count() -> int:
     return count or 1
 
 
-def _item_submitter(pool: PortalPool[Any], fn: Callable[..., Any]) -> Callable[[Any], Future[Any]]:
-    def submit_item(args: tuple[Any, ...]) -> Future[Any]:
-        return pool.submit(fn, *args)
+class _Loads(Sequence[int]):
+    """What a scheduler sees: each worker's unfinished task count, read on demand."""
 
-    return submit_item
+    __slots__ = ("_workers",)
 
+    def __init__(self, workers: tuple[Worker[Any], ...]) -> None:
+        self._workers = workers
 
-def _chunk_submitter(pool: PortalPool[Any], fn: Callable[..., Any]) -> Callable[[Any], Future[Any]]:
-    run_chunk = pool._run_chunk
+    def __len__(self) -> int:
+        return len(self._workers)
 
-    def submit_chunk(chunk: tuple[tuple[Any, ...], ...]) -> Future[Any]:
-        return pool.submit(run_chunk, fn, chunk)
-
-    return submit_chunk
-
-
-def _ordered_results(
-    futures: deque[Future[Any]],
-    submit_unit: Callable[[Any], Future[Any]],
-    refill: tuple[Iterator[Any], weakref.ref[PortalPool[Any]]] | None,
-    end_time: float | None,
-    chunked: bool,
-) -> Iterator[Any]:
-    """Yield results in order.
-
-    Values are yielded straight from a call, never bound to a local: a suspended
-    generator keeps its locals alive, and the caller may have dropped the value already.
-    """
-    try:
-        while futures:
-            if refill is not None and refill[1]() is not None:
-                unit = next(refill[0], None)
-                if unit is not None:
-                    futures.append(submit_unit(unit))
-            if not chunked:
-                yield _result_or_cancel(futures.popleft(), end_time)
-                continue
-            outcomes: list[Outcome] = _result_or_cancel(futures.popleft(), end_time)
-            outcomes.reverse()
-            while outcomes:
-                yield _unwrap(outcomes.pop())
-    finally:
-        for future in futures:
-            future.cancel()
+    def __getitem__(self, index: int) -> int:  # type: ignore[override]
+        return self._workers[index]._unfinished
 
 
-def _result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
-    try:
-        if end_time is None:
-            return future.result()
-        return future.result(end_time - time.monotonic())
-    except BaseException:
-        future.cancel()
-        raise
-    finally:
-        del future  # the traceback of a raised error would keep it otherwise
+def _alive(pool_ref: weakref.ref[PortalPool[Any]]) -> PortalPool[Any]:
+    pool = pool_ref()
+    if pool is None:
+        raise RuntimeError("cannot schedule new futures after the pool was garbage-collected")
+    return pool
 
 
-def _unwrap(outcome: Outcome) -> Any:
-    ok, value = outcome
-    if ok:
-        return value
-    raise value
+def _check_buffersize(buffersize: int | None) -> None:
+    if buffersize is not None:
+        if not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
 
 
-def _batched(iterator: Iterator[T], size: int) -> Iterator[tuple[T, ...]]:
-    while chunk := tuple(islice(iterator, size)):
-        yield chunk
+def _close(
+    workers: Iterable[Worker[Any]],
+    pending_limit: PendingLimit | None,
+    watchdog: StallWatchdog | None,
+    cancel: bool = False,
+) -> None:
+    """Stop accepting work everywhere; wake submitters blocked on a full pool."""
+    if pending_limit is not None:
+        pending_limit.close()
+    if watchdog is not None:
+        watchdog.stop(wait=False)
+    _stop_workers(workers, cancel)
 
 
 def _stop_workers(workers: Iterable[Worker[Any]], cancel: bool) -> None:
@@ -407,16 +525,6 @@ def _join_workers(workers: Iterable[Worker[Any]]) -> None:
         _live_workers.discard(pending.pop(0))
     if interrupted is not None:
         raise interrupted
-
-
-async def _wait_done(future: Future[Any]) -> None:
-    """Await a ``concurrent.futures.Future`` from asyncio or trio without blocking."""
-    if future.done():
-        return
-    token = current_token()
-    done = anyio.Event()
-    future.add_done_callback(lambda _: _call_soon_or_drop(token, done.set))
-    await done.wait()
 
 
 def _at_interpreter_exit() -> None:

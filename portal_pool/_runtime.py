@@ -23,11 +23,22 @@ if TYPE_CHECKING:
 Outcome = tuple[bool, Any]
 
 
+class Host(Protocol):
+    """The worker, as its runtime sees it."""
+
+    def _requeue(self, future: TaskFuture[Any]) -> None:
+        """Take back work that a dying loop never started."""
+
+    def _task_ended(self) -> None:
+        """A started task is over: its concurrency slot is free."""
+
+
 class Runtime(Protocol):
     """What a worker needs from its backend, once its loop is running."""
 
-    #: False once the container is closing: a dying loop must not take new work.
-    accepting: bool
+    @property
+    def accepting(self) -> bool:
+        """False once the container is closing: a dying loop must not take new work."""
 
     async def serve(self, on_ready: Callable[[], object]) -> None:
         """Open the task container, call ``on_ready``, run until stopped and joined."""
@@ -67,9 +78,9 @@ async def _call_asyncio(runtime: AsyncioRuntime, future: TaskFuture[Any]) -> Out
 class AsyncioRuntime:
     """Tasks on an asyncio (or uvloop) loop, joined like a task group."""
 
-    def __init__(self, requeue: Callable[[TaskFuture[Any]], None]) -> None:
+    def __init__(self, host: Host) -> None:
         self._loop = asyncio.get_running_loop()
-        self._requeue = requeue
+        self._host = host
         self._running: dict[asyncio.Task[Outcome | None], TaskFuture[Any]] = {}
         # Awaited by the worker's main task while it serves. Cancelling a task cancels
         # the future it awaits at once, so a dying loop (whose teardown cancels every
@@ -109,11 +120,12 @@ class AsyncioRuntime:
 
     def _task_done(self, task: asyncio.Task[Outcome | None]) -> None:
         future = self._running.pop(task)
+        self._host._task_ended()
         if future._state == PENDING:  # the task never started
             if self.accepting:
                 future.cancel()  # shutdown(cancel_futures=True) reached it first
             else:
-                self._requeue(future)
+                self._host._requeue(future)
         elif task.cancelled():
             future._settle_cancelled()
         else:
@@ -142,11 +154,11 @@ class AsyncioRuntime:
 class TrioRuntime:
     """Tasks in a trio nursery, each in its own cancel scope."""
 
-    def __init__(self, requeue: Callable[[TaskFuture[Any]], None]) -> None:
+    def __init__(self, host: Host) -> None:
         import trio
 
         self._trio = trio
-        self._requeue = requeue
+        self._host = host
         self._stop = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._running: set[TaskFuture[Any]] = set()
@@ -182,15 +194,21 @@ class TrioRuntime:
         return [future for future in self._running if future.running()]
 
     async def _call(self, future: TaskFuture[Any], scope: Any) -> None:
+        try:
+            await self._run_call(future, scope)
+        finally:
+            self._host._task_ended()
+
+    async def _run_call(self, future: TaskFuture[Any], scope: Any) -> None:
         # As on asyncio: RUNNING only once the task runs, and a dying loop requeues.
         if not self.accepting:
-            self._requeue(future)
+            self._host._requeue(future)
             return
         if not future.set_running_or_notify_cancel():
             return
         self._running.add(future)
         fn, args, kwargs = future._take_call()
-        outcome: tuple[bool, Any] | None = None
+        outcome: Outcome | None = None
         try:
             with scope:
                 try:
@@ -222,11 +240,11 @@ def _is_trio_cancellation(exc: BaseException, cancelled: type[BaseException]) ->
     return False
 
 
-def make_runtime(backend: str, requeue: Callable[[TaskFuture[Any]], None]) -> Runtime:
-    """The runtime for ``backend``; ``requeue`` takes back work a dying loop never ran."""
+def make_runtime(backend: str, host: Host) -> Runtime:
+    """The runtime for ``backend``, serving the worker ``host``."""
     if backend == "trio":
-        return TrioRuntime(requeue)
-    return AsyncioRuntime(requeue)
+        return TrioRuntime(host)
+    return AsyncioRuntime(host)
 
 
 # -- map chunks: one task and one future serve many items --------------------------------

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
+import time
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -17,8 +20,11 @@ from anyio.from_thread import BlockingPortal
 from anyio.lowlevel import EventLoopToken, current_token
 
 from ._exceptions import BrokenPortalPool
-from ._future import TaskFuture
+from ._flow import PendingLimit
+from ._future import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, TaskFuture
 from ._runtime import Runtime, make_runtime
+from ._statistics import WorkerStatistics
+from ._tokens import call_soon_or_drop
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -76,6 +82,8 @@ class Worker(Generic[C_co]):
         backend_options: dict[str, Any],
         context_factory: Callable[[], AbstractAsyncContextManager[C_co]] | None,
         thread_name: str,
+        max_concurrency: int | None = None,
+        pending_limit: PendingLimit | None = None,
     ) -> None:
         self._index = index
         self._backend = backend
@@ -100,7 +108,23 @@ class Worker(Generic[C_co]):
         self._spawner: threading.Thread | None = None
         self._startup_scope: anyio.CancelScope | None = None
         self._failure: BaseException | None = None
+        # Flow control, in the loop thread only: tasks started and not yet ended, and
+        # work held back by max_concurrency (never started, so cancelling it is free).
+        self._max_concurrency = max_concurrency
+        self._active = 0
+        self._waiting: deque[TaskFuture[Any]] = deque()
+        # Statistics, under self._lock. unfinished = submitted and not yet exited.
+        self._pending_limit = pending_limit
+        self._unfinished = 0
+        self._completed = 0
+        self._failed = 0
+        self._cancelled = 0
         self._restarts = 0
+        self._stalls = 0
+        self._loop_lag: float | None = None
+        # The stall watchdog's ping in flight (its send time), and whether it was reported.
+        self._ping_sent: float | None = None
+        self._stall_reported = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -146,9 +170,28 @@ class Worker(Generic[C_co]):
         :raises RuntimeError: if the pool has been shut down
         """
         check_callable(fn)
+        limit = self._pending_limit
+        if limit is not None:
+            if limit.would_block():
+                self._check_not_own_loop(f"waiting for room (max_pending={limit.limit})")
+            limit.acquire()
+        return self._submit_admitted(fn, args, kwargs)
+
+    def _submit_admitted(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> TaskFuture[Any]:
         future: TaskFuture[Any] = TaskFuture(self, fn, args, kwargs)
-        self._enqueue(future)
+        try:
+            self._enqueue(future)
+        except BaseException:
+            if self._pending_limit is not None:
+                self._pending_limit.release()
+            raise
         return future
+
+    async def _admit_async(self) -> None:
+        if self._pending_limit is not None:
+            await self._pending_limit.acquire_async()
 
     @overload
     def run(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
@@ -193,11 +236,17 @@ class Worker(Generic[C_co]):
         exited = anyio.Event()
 
         def wake_caller() -> None:
-            _call_soon_or_drop(caller, exited.set)
+            call_soon_or_drop(caller, exited.set)
 
+        await self._admit_async()
         future: TaskFuture[Any] = TaskFuture(self, fn, args, kwargs)
         future._on_task_exit = wake_caller
-        self._enqueue(future)
+        try:
+            self._enqueue(future)
+        except BaseException:
+            if self._pending_limit is not None:
+                self._pending_limit.release()
+            raise
         try:
             await exited.wait()
         except BaseException:
@@ -219,6 +268,7 @@ class Worker(Generic[C_co]):
                     raise BrokenPortalPool(f"worker {self._index}'s event loop has stopped")
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._inbox.append(future)
+            self._unfinished += 1
             if self._wake_pending:
                 return
             self._wake_pending = True
@@ -244,6 +294,53 @@ class Worker(Generic[C_co]):
         elif cancel and loop_running:
             self._call_soon(self._cancel_startup)
 
+    def _statistics(self) -> WorkerStatistics:
+        with self._lock:
+            unfinished = self._unfinished
+            completed, failed, cancelled = self._completed, self._failed, self._cancelled
+        running = min(self._active, unfinished)  # read without the loop's cooperation
+        return WorkerStatistics(
+            index=self._index,
+            running=running,
+            queued=unfinished - running,
+            completed=completed,
+            failed=failed,
+            cancelled=cancelled,
+            restarts=self._restarts,
+            stalls=self._stalls,
+            loop_lag=self._loop_lag,
+        )
+
+    def _check_heartbeat(self, now: float, stall_timeout: float) -> None:
+        """Called by the stall watchdog: ping the loop, or report a ping left unanswered."""
+        sent = self._ping_sent
+        if sent is None:
+            if self._runtime is not None:
+                self._ping_sent = now
+                self._stall_reported = False
+                self._call_soon(self._answer_ping, now)
+            return
+        waited = now - sent
+        self._loop_lag = waited
+        if waited < stall_timeout or self._stall_reported:
+            return
+        self._stall_reported = True  # once per stall, however long it lasts
+        self._stalls += 1
+        frame = sys._current_frames().get(self._thread_ident or -1)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "?"
+        logger.warning(
+            "worker %d's event loop has not responded for %.2f s (stall %d); "
+            "something is blocking it. Its thread is at:\n%s",
+            self._index,
+            waited,
+            self._stalls,
+            stack,
+        )
+
+    def _answer_ping(self, sent: float) -> None:
+        self._loop_lag = time.monotonic() - sent
+        self._ping_sent = None
+
     def _check_not_own_loop(self, what: str) -> None:
         if self._thread_ident == threading.get_ident():
             raise RuntimeError(
@@ -259,7 +356,7 @@ class Worker(Generic[C_co]):
         # fails what is queued), and the tasks it ran are settled by the supervisor.
         token = self._token
         if token is not None:
-            _call_soon_or_drop(token, fn, *args)
+            call_soon_or_drop(token, fn, *args)
 
     def _drain(self) -> None:
         runtime = self._runtime
@@ -268,9 +365,43 @@ class Worker(Generic[C_co]):
         with self._lock:
             self._wake_pending = False
             batch, self._inbox = self._inbox, deque()
-        start = runtime.start
-        for future in batch:
-            start(future)  # a cancelled future's task returns at its first step
+        if self._max_concurrency is None:
+            self._active += len(batch)
+            start = runtime.start
+            for future in batch:
+                start(future)  # a cancelled future's task returns at its first step
+        else:
+            self._waiting.extend(batch)
+            self._start_waiting(runtime)
+
+    def _start_waiting(self, runtime: Runtime) -> None:
+        limit = self._max_concurrency
+        assert limit is not None
+        waiting = self._waiting
+        while waiting and self._active < limit:
+            future = waiting.popleft()
+            if future._state == PENDING:  # skip work cancelled while it waited
+                self._active += 1
+                runtime.start(future)
+
+    def _task_ended(self) -> None:
+        self._active -= 1
+        runtime = self._runtime
+        if self._waiting and runtime is not None and runtime.accepting:
+            self._start_waiting(runtime)
+
+    def _record_exit(self, future: TaskFuture[Any]) -> None:
+        state = future._state
+        with self._lock:
+            self._unfinished -= 1
+            if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                self._cancelled += 1
+            elif future._exception is not None:
+                self._failed += 1
+            else:
+                self._completed += 1
+        if self._pending_limit is not None:
+            self._pending_limit.release()
 
     def _requeue(self, future: TaskFuture[Any]) -> None:
         with self._lock:
@@ -278,6 +409,9 @@ class Worker(Generic[C_co]):
 
     def _stop_in_loop(self, cancel: bool) -> None:
         self._drain()
+        if cancel:
+            for future in self._waiting:  # loop-owned, so cancelled here
+                future.cancel()
         assert self._runtime is not None
         self._runtime.request_stop(cancel)
 
@@ -329,6 +463,12 @@ class Worker(Generic[C_co]):
         failure = self._failure
         with self._lock:
             runtime, self._runtime = self._runtime, None
+            # Work held back by max_concurrency never started: it waits for the next
+            # loop, in front of what arrived since.
+            self._inbox.extendleft(reversed(self._waiting))
+            self._waiting.clear()
+            self._active = 0
+            self._ping_sent = None  # a ping the dead loop never answered is no stall
             self._token = None
             self._portal = None
             self._startup_scope = None
@@ -367,7 +507,7 @@ class Worker(Generic[C_co]):
                     self._startup_scope = startup
                     if self._stop_request is True:
                         startup.cancel()  # Ctrl-C or a failed sibling before we began
-                runtime = make_runtime(self._backend, self._requeue)
+                runtime = make_runtime(self._backend, self)
                 async with AsyncExitStack() as stack:
                     if self._context_factory is not None:
                         self._context = await stack.enter_async_context(
@@ -448,15 +588,6 @@ def _cancel_in_loop(future: TaskFuture[Any]) -> None:
     canceller = future._canceller
     if canceller is not None:
         canceller()
-
-
-def _call_soon_or_drop(token: EventLoopToken, fn: Callable[..., object], *args: Any) -> bool:
-    """Schedule ``fn`` in the token's loop; return ``False`` if that loop has finished."""
-    try:
-        token.backend_class.run_sync_soon(fn, args, token.native_token)
-    except anyio.RunFinishedError:
-        return False
-    return True
 
 
 def wait_for_result(future: Future[T]) -> T:

@@ -1,0 +1,94 @@
+"""Backpressure: a pool-wide cap on unfinished tasks, awaitable from sync and async code."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import anyio
+from anyio.lowlevel import EventLoopToken, current_token
+
+from ._tokens import call_soon_or_drop
+
+SHUTDOWN_MESSAGE = "cannot schedule new futures after shutdown"
+
+
+class PendingLimit:
+    """Counts unfinished tasks; admitting one more waits while ``limit`` are unfinished.
+
+    Sync callers wait on a condition; async callers (asyncio or trio) park an event that
+    the releasing thread sets through the caller's own event-loop token, so waiting for
+    room never blocks a caller's loop. Closing wakes everyone with an error.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._count = 0
+        self._closed = False
+        self._condition = threading.Condition(threading.Lock())
+        # Async waiters, oldest first; a deque so release() can hand room out in order.
+        self._async_waiters: deque[tuple[EventLoopToken, anyio.Event]] = deque()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def acquire(self) -> None:
+        """Block until there is room.
+
+        :raises RuntimeError: once the pool is shut down
+        """
+        with self._condition:
+            while self._count >= self.limit and not self._closed:
+                self._condition.wait()
+            if self._closed:
+                raise RuntimeError(SHUTDOWN_MESSAGE)
+            self._count += 1
+
+    def would_block(self) -> bool:
+        return self._count >= self.limit
+
+    async def acquire_async(self) -> None:
+        """Wait for room without blocking the caller's event loop.
+
+        :raises RuntimeError: once the pool is shut down
+        """
+        while True:
+            with self._condition:
+                if self._closed:
+                    raise RuntimeError(SHUTDOWN_MESSAGE)
+                if self._count < self.limit:
+                    self._count += 1
+                    return
+                waiter = (current_token(), anyio.Event())
+                self._async_waiters.append(waiter)
+            try:
+                await waiter[1].wait()
+            except BaseException:
+                with self._condition:
+                    if waiter in self._async_waiters:
+                        self._async_waiters.remove(waiter)
+                    else:
+                        self._wake_one_async()  # we were handed room we won't use
+                raise
+
+    def release(self) -> None:
+        with self._condition:
+            self._count -= 1
+            self._condition.notify()
+            self._wake_one_async()
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+            waiters, self._async_waiters = self._async_waiters, deque()
+        for token, event in waiters:
+            call_soon_or_drop(token, event.set)
+
+    def _wake_one_async(self) -> None:
+        # Called with the condition held. A woken waiter re-checks the count, so waking
+        # one per release is enough and never loses room.
+        if self._async_waiters:
+            token, event = self._async_waiters.popleft()
+            call_soon_or_drop(token, event.set)

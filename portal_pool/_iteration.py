@@ -1,0 +1,194 @@
+"""The result iterators behind map, map_unordered, map_async and map_unordered_async.
+
+Each keeps a window of futures in flight, refills it as results are taken, cancels
+what is still outstanding when left early, and never holds on to a result it has
+yielded: values are yielded straight from a call, since a suspended generator keeps its
+locals alive after the caller has dropped the value.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Future
+from itertools import islice
+from typing import Any, TypeVar
+
+import anyio
+from anyio.lowlevel import current_token
+
+from ._runtime import Outcome
+from ._tokens import call_soon_or_drop, wait_future
+
+T = TypeVar("T")
+
+SubmitUnit = Callable[[Any], Future[Any]]
+SubmitUnitAsync = Callable[[Any], Awaitable[Future[Any]]]
+
+
+class Window:
+    """The input side of a map: units of work (items or chunks) and how many may be out."""
+
+    def __init__(self, units: Iterator[Any], size: int | None) -> None:
+        self._units = units
+        self._size = size
+
+    def first(self) -> Iterator[Any]:
+        """The units to submit before the first result: all, or the first ``size``."""
+        return self._units if self._size is None else islice(self._units, self._size)
+
+    def next_unit(self) -> Any | None:
+        """One more unit after a result was taken, if the window is bounded."""
+        if self._size is None:
+            return None
+        return next(self._units, None)
+
+
+def ordered_results(
+    window: Window, submit: SubmitUnit, end_time: float | None, chunked: bool
+) -> Iterator[Any]:
+    """Results in input order (``Executor.map``); the first window is submitted now."""
+    futures = deque(submit(unit) for unit in window.first())
+    return _ordered(futures, window, submit, end_time, chunked)
+
+
+def _ordered(
+    futures: deque[Future[Any]],
+    window: Window,
+    submit: SubmitUnit,
+    end_time: float | None,
+    chunked: bool,
+) -> Iterator[Any]:
+    try:
+        while futures:
+            unit = window.next_unit()
+            if unit is not None:
+                futures.append(submit(unit))
+            if not chunked:
+                yield result_or_cancel(futures.popleft(), end_time)
+                continue
+            outcomes: list[Outcome] = result_or_cancel(futures.popleft(), end_time)
+            outcomes.reverse()
+            while outcomes:
+                yield unwrap(outcomes.pop())
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def unordered_results(window: Window, submit: SubmitUnit) -> Iterator[Any]:
+    """Results in completion order; the first window is submitted now."""
+    # A SimpleQueue: done callbacks run in worker threads, and its get() is
+    # interruptible, so Ctrl-C reaches a consumer waiting here.
+    finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+    outstanding: set[Future[Any]] = set()
+
+    def track(unit: Any) -> None:
+        future = submit(unit)
+        outstanding.add(future)
+        future.add_done_callback(finished.put)
+
+    try:
+        for unit in window.first():
+            track(unit)
+    except BaseException:
+        for future in outstanding:
+            future.cancel()
+        raise
+    return _unordered(window, track, outstanding, finished)
+
+
+def _unordered(
+    window: Window,
+    track: Callable[[Any], None],
+    outstanding: set[Future[Any]],
+    finished: queue.SimpleQueue[Future[Any]],
+) -> Iterator[Any]:
+    try:
+        while outstanding:
+            taken = [finished.get()]  # a list, so the future is not a local at the yield
+            outstanding.discard(taken[0])
+            unit = window.next_unit()
+            if unit is not None:
+                track(unit)
+            yield result_or_cancel(taken.pop(), None)
+    finally:
+        for future in outstanding:
+            future.cancel()
+
+
+async def ordered_results_async(window: Window, submit: SubmitUnitAsync) -> AsyncIterator[Any]:
+    """Results in input order, awaited from asyncio or trio."""
+    futures: deque[Future[Any]] = deque()
+    try:
+        for unit in window.first():
+            futures.append(await submit(unit))
+        while futures:
+            unit = window.next_unit()
+            if unit is not None:
+                futures.append(await submit(unit))
+            await wait_future(futures[0])
+            yield result_or_cancel(futures.popleft(), None)
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+async def unordered_results_async(window: Window, submit: SubmitUnitAsync) -> AsyncIterator[Any]:
+    """Results in completion order, awaited from asyncio or trio."""
+    token = current_token()
+    finished: deque[Future[Any]] = deque()
+    outstanding: set[Future[Any]] = set()
+    arrived = anyio.Event()
+
+    def collect(future: Future[Any]) -> None:  # in the caller's loop
+        finished.append(future)
+        arrived.set()
+
+    async def track(unit: Any) -> None:
+        future = await submit(unit)
+        outstanding.add(future)
+        future.add_done_callback(lambda done: call_soon_or_drop(token, collect, done))
+
+    try:
+        for unit in window.first():
+            await track(unit)
+        while outstanding:
+            while not finished:
+                await arrived.wait()
+                arrived = anyio.Event()
+            outstanding.discard(finished[0])
+            unit = window.next_unit()
+            if unit is not None:
+                await track(unit)
+            yield result_or_cancel(finished.popleft(), None)
+    finally:
+        for future in outstanding:
+            future.cancel()
+
+
+def result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
+    """The future's result; if waiting fails (timeout, Ctrl-C), cancel it first."""
+    try:
+        if end_time is None:
+            return future.result()
+        return future.result(end_time - time.monotonic())
+    except BaseException:
+        future.cancel()
+        raise
+    finally:
+        del future  # the traceback of a raised error would keep it otherwise
+
+
+def unwrap(outcome: Outcome) -> Any:
+    ok, value = outcome
+    if ok:
+        return value
+    raise value
+
+
+def batched(iterator: Iterator[T], size: int) -> Iterator[tuple[T, ...]]:
+    while chunk := tuple(islice(iterator, size)):
+        yield chunk
