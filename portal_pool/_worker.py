@@ -113,9 +113,13 @@ class Worker(Generic[C_co]):
         self._max_concurrency = max_concurrency
         self._active = 0
         self._waiting: deque[TaskFuture[Any]] = deque()
-        # Statistics, under self._lock. unfinished = submitted and not yet exited.
+        # Statistics. Submissions are counted under self._lock, exits under their own
+        # lock: the loop thread settles every task, and sharing the inbox lock with the
+        # submitters would make the two sides contend once per item.
         self._pending_limit = pending_limit
-        self._unfinished = 0
+        self._submitted = 0
+        self._exit_lock = threading.Lock()
+        self._exited_count = 0
         self._completed = 0
         self._failed = 0
         self._cancelled = 0
@@ -268,7 +272,7 @@ class Worker(Generic[C_co]):
                     raise BrokenPortalPool(f"worker {self._index}'s event loop has stopped")
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._inbox.append(future)
-            self._unfinished += 1
+            self._submitted += 1
             if self._wake_pending:
                 return
             self._wake_pending = True
@@ -294,10 +298,16 @@ class Worker(Generic[C_co]):
         elif cancel and loop_running:
             self._call_soon(self._cancel_startup)
 
+    @property
+    def _unfinished(self) -> int:
+        """Tasks submitted here and not yet over: the load a scheduler sees."""
+        # Two reads without a lock: off by one in a race, never wrong for long.
+        return max(self._submitted - self._exited_count, 0)
+
     def _statistics(self) -> WorkerStatistics:
-        with self._lock:
-            unfinished = self._unfinished
+        with self._exit_lock:
             completed, failed, cancelled = self._completed, self._failed, self._cancelled
+        unfinished = self._unfinished
         running = min(self._active, unfinished)  # read without the loop's cooperation
         return WorkerStatistics(
             index=self._index,
@@ -392,8 +402,8 @@ class Worker(Generic[C_co]):
 
     def _record_exit(self, future: TaskFuture[Any]) -> None:
         state = future._state
-        with self._lock:
-            self._unfinished -= 1
+        with self._exit_lock:
+            self._exited_count += 1
             if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 self._cancelled += 1
             elif future._exception is not None:
