@@ -2,8 +2,20 @@
 
 from ._exceptions import BrokenPortalPool
 from ._pool import PortalPool
+from ._scheduler import LeastLoaded, RoundRobin, Scheduler
+from ._statistics import PoolStatistics, WorkerStatistics
 from ._worker import Worker, current_worker
 
 __version__ = "0.1.0"
 
-__all__ = ["BrokenPortalPool", "PortalPool", "Worker", "current_worker"]
+__all__ = [
+    "BrokenPortalPool",
+    "LeastLoaded",
+    "PoolStatistics",
+    "PortalPool",
+    "RoundRobin",
+    "Scheduler",
+    "Worker",
+    "WorkerStatistics",
+    "current_worker",
+]
