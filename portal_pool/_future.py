@@ -54,6 +54,7 @@ class TaskFuture(Future[T]):
         self._call = (fn, args, kwargs)
         self._canceller = None
         self._on_task_exit = None
+        self._started = False  # set once, in the loop thread, when the task begins
 
     def cancel(self) -> bool:
         """Cancel the work, whether it is waiting or already running.
@@ -73,6 +74,7 @@ class TaskFuture(Future[T]):
         with self._condition:
             if self._state == PENDING:
                 self._state = RUNNING
+                self._started = True
                 return True
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 # cancel() has already notified the waiters.

@@ -46,6 +46,8 @@ T = TypeVar("T")
 P = ParamSpec("P")
 C = TypeVar("C")
 
+_MASK64 = (1 << 64) - 1
+
 # Workers of every pool not yet joined, for the interpreter-exit hook below.
 _live_workers: weakref.WeakSet[Worker[Any]] = weakref.WeakSet()
 
@@ -182,10 +184,12 @@ class PortalPool(Executor, Generic[C]):
         Use it for work tied to loop-bound state, e.g. one connection per tenant:
         ``pool.worker_for(tenant).submit(handle, request)``.
         """
-        # Fibonacci hashing spreads keys whose hashes share a pattern (such as
-        # multiples of the worker count) evenly; hash() alone would not.
-        mixed = (hash(key) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        return self._workers[(mixed >> 32) % len(self._workers)]
+        # Fibonacci hashing, then the top bits of the 64-bit product pick the worker
+        # (multiply-shift range reduction): the top bits depend on every bit of the
+        # hash, so keys with patterned hashes (multiples of the worker count, values
+        # differing only in high bits) still spread evenly; hash() % n would not.
+        mixed = ((hash(key) & _MASK64) * 0x9E3779B97F4A7C15) & _MASK64
+        return self._workers[(mixed * len(self._workers)) >> 64]
 
     def stats(self) -> PoolStatistics:
         """A snapshot of every worker's counters, and their totals. Never blocks a loop."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from inspect import isawaitable
+from inspect import CORO_CREATED, getcoroutinestate, isawaitable, iscoroutine
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ._future import PENDING
@@ -121,11 +121,14 @@ class AsyncioRuntime:
     def _task_done(self, task: asyncio.Task[Outcome | None]) -> None:
         future = self._running.pop(task)
         self._host._task_ended()
-        if future._state == PENDING:  # the task never started
-            if self.accepting:
-                future.cancel()  # shutdown(cancel_futures=True) reached it first
-            else:
-                self._host._requeue(future)
+        if not future._started:
+            # The call never ran. Cancelled while queued: cancel() has settled it.
+            # Still pending: the loop is dying (requeue) or shutting down (cancel).
+            if future._state == PENDING:
+                if self.accepting:
+                    future.cancel()
+                else:
+                    self._host._requeue(future)
         elif task.cancelled():
             future._settle_cancelled()
         else:
@@ -275,8 +278,15 @@ async def run_chunk_asyncio(
     """Run a chunk of calls concurrently; return one outcome per item, in order."""
     outcomes, awaitables = _start_calls(fn, chunk)
     if awaitables:
-        # gather waits for every child even when cancelled, so none outlives the chunk.
-        results = await asyncio.gather(*(_outcome_of(awaitable) for _, awaitable in awaitables))
+        try:
+            # gather waits for every child even when cancelled: none outlives the chunk.
+            results = await asyncio.gather(*(_outcome_of(aw) for _, aw in awaitables))
+        finally:
+            # A chunk cancelled before its children took a step never awaited their
+            # coroutines: close them, or each warns "was never awaited".
+            for _, awaitable in awaitables:
+                if iscoroutine(awaitable) and getcoroutinestate(awaitable) == CORO_CREATED:
+                    awaitable.close()
         for (position, _), outcome in zip(awaitables, results, strict=True):
             outcomes[position] = outcome
     return outcomes

@@ -177,7 +177,7 @@ class Worker(Generic[C_co]):
         limit = self._pending_limit
         if limit is not None:
             if limit.would_block():
-                self._check_not_own_loop(f"waiting for room (max_pending={limit.limit})")
+                _check_not_in_pool_loop(limit)
             limit.acquire()
         return self._submit_admitted(fn, args, kwargs)
 
@@ -598,6 +598,16 @@ def _cancel_in_loop(future: TaskFuture[Any]) -> None:
     canceller = future._canceller
     if canceller is not None:
         canceller()
+
+
+def _check_not_in_pool_loop(limit: PendingLimit) -> None:
+    """Refuse to wait for room from a loop of the same pool: the room may never come."""
+    worker: Worker[Any] | None = getattr(_thread_state, "worker", None)
+    if worker is not None and worker._pending_limit is limit:
+        raise RuntimeError(
+            f"the pool is full (max_pending={limit.limit}) and waiting for room inside "
+            f"one of its own loops could deadlock; use 'await pool.run_async(...)' there"
+        )
 
 
 def wait_for_result(future: Future[T]) -> T:
