@@ -73,9 +73,10 @@ def make_scheduler(schedule: str | Scheduler) -> Scheduler:
             f"unknown schedule {schedule!r}; use 'round_robin', 'least_loaded' or an object "
             "with a choose(loads) method"
         )
-    if not isinstance(schedule, Scheduler):
+    if isinstance(schedule, type) or not isinstance(schedule, Scheduler):
+        hint = " (pass an instance, e.g. LeastLoaded())" if isinstance(schedule, type) else ""
         raise TypeError(
             f"schedule must be 'round_robin', 'least_loaded' or a Scheduler with a "
-            f"choose(loads) method, got {type(schedule).__name__}"
+            f"choose(loads) method, got {schedule!r}{hint}"
         )
     return schedule

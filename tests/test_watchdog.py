@@ -1,0 +1,221 @@
+"""The stall watchdog: a worker loop blocked by sync code is reported once, with its stack."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from portal_pool import PortalPool
+
+STALL_TIMEOUT = 0.2
+
+
+class RecordWarnings(logging.Handler):
+    """Collects the ``portal_pool`` logger's warnings; lets a test wait for the n-th one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self._arrived = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._arrived:
+            self.records.append(record)
+            self._arrived.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10) -> bool:
+        with self._arrived:
+            return self._arrived.wait_for(lambda: len(self.records) >= count, timeout)
+
+    def messages(self) -> list[str]:
+        with self._arrived:
+            return [record.getMessage() for record in self.records]
+
+
+@pytest.fixture
+def warnings_log() -> Iterator[RecordWarnings]:
+    handler = RecordWarnings()
+    logger = logging.getLogger("portal_pool")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    """Poll a condition that only another thread can make true, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def lag(pool: PortalPool[Any], index: int) -> float:
+    """How long the watchdog's current (or last) ping to worker ``index`` has waited."""
+    value = pool.stats().workers[index].loop_lag
+    return -1.0 if value is None else value
+
+
+class Stall:
+    """A sync call that holds a worker's loop until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def block_the_loop_right_here(self) -> str:
+        self.entered.set()
+        self.release.wait(10)
+        return "unblocked"
+
+
+def stall_and_release(pool: PortalPool[Any], index: int, log: RecordWarnings, nth: int) -> None:
+    """Hold worker ``index``'s loop until the ``nth`` warning, then for many more checks."""
+    stall = Stall()
+    future = pool.workers[index].submit(stall.block_the_loop_right_here)
+    try:
+        assert stall.entered.wait(10)
+        assert log.wait_for(nth), f"no stall warning after {pool.stats()}"
+        # The watchdog updates loop_lag at every check while the ping is unanswered: a
+        # lag of two timeouts means several checks (a quarter timeout apart) have passed
+        # since the report.
+        assert wait_until(lambda: lag(pool, index) >= 2 * STALL_TIMEOUT)
+    finally:
+        stall.release.set()
+    assert future.result(timeout=10) == "unblocked"
+    # The loop answers the stalled ping, then a fresh ping starts a new cycle.
+    assert wait_until(lambda: 0 <= lag(pool, index) < STALL_TIMEOUT)
+
+
+def test_a_stall_is_reported_once_with_the_blocking_stack(
+    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings
+) -> None:
+    with PortalPool(
+        2, stall_timeout=STALL_TIMEOUT, thread_name_prefix="stall", **backend_kwargs
+    ) as pool:
+        stall_and_release(pool, 1, warnings_log, nth=1)
+        stats = pool.stats()
+    assert len(warnings_log.records) == 1
+    record = warnings_log.records[0]
+    assert record.levelno == logging.WARNING
+    assert record.name == "portal_pool"
+    message = record.getMessage()
+    assert "worker 1" in message
+    assert "worker 0" not in message
+    assert "block_the_loop_right_here" in message  # the stack of the blocked thread
+    assert [w.stalls for w in stats.workers] == [0, 1]
+    assert stats.stalls == 1
+
+
+def test_a_second_stall_counts_two(
+    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings
+) -> None:
+    with PortalPool(1, stall_timeout=STALL_TIMEOUT, **backend_kwargs) as pool:
+        stall_and_release(pool, 0, warnings_log, nth=1)
+        assert pool.stats().workers[0].stalls == 1
+        stall_and_release(pool, 0, warnings_log, nth=2)
+        stats = pool.stats()
+    assert stats.workers[0].stalls == 2
+    assert stats.stalls == 2
+    messages = warnings_log.messages()
+    assert len(messages) == 2
+    assert "(stall 1)" in messages[0]
+    assert "(stall 2)" in messages[1]
+    assert all("block_the_loop_right_here" in message for message in messages)
+
+
+async def busy(n: int) -> int:
+    for _ in range(3):
+        await anyio.sleep(0)
+    return n
+
+
+def test_no_warning_when_nothing_stalls(
+    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings
+) -> None:
+    # A roomier timeout than the stall tests: only a loop that is really blocked may
+    # be reported, even on a loaded machine.
+    timeout = 0.4
+    with PortalPool(2, stall_timeout=timeout, **backend_kwargs) as pool:
+        assert list(pool.map(busy, range(300))) == list(range(300))
+        assert list(pool.map(busy, range(300), chunksize=32)) == list(range(300))
+        # Let the watchdog run several ping cycles on each worker: every new reading of
+        # loop_lag is one check or one answered ping.
+        readings: list[set[float]] = [set(), set()]
+
+        def cycles() -> bool:
+            for index, seen in enumerate(readings):
+                seen.add(lag(pool, index))
+            return all(len(seen - {-1.0}) >= 5 for seen in readings)
+
+        assert wait_until(cycles)
+        assert max(max(seen) for seen in readings) < timeout
+        stats = pool.stats()
+    assert warnings_log.records == []
+    assert stats.stalls == 0
+    assert all(w.loop_lag is not None and w.loop_lag < timeout for w in stats.workers)
+
+
+def test_loop_lag_is_none_without_a_watchdog(backend_kwargs: dict[str, Any]) -> None:
+    with PortalPool(1, **backend_kwargs) as pool:
+        assert pool.run(lambda: 1) == 1
+        assert pool.stats().workers[0].loop_lag is None
+    assert not any(t.name.endswith("-watchdog") for t in threading.enumerate())
+
+
+def _watchdogs(prefix: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"{prefix}-watchdog"]
+
+
+def test_the_watchdog_thread_is_gone_after_shutdown(backend_kwargs: dict[str, Any]) -> None:
+    pool = PortalPool(1, stall_timeout=STALL_TIMEOUT, thread_name_prefix="wd1", **backend_kwargs)
+    assert len(_watchdogs("wd1")) == 1
+    pool.shutdown(wait=True)
+    assert _watchdogs("wd1") == []
+
+
+def test_the_watchdog_thread_ends_after_shutdown_without_wait(
+    backend_kwargs: dict[str, Any],
+) -> None:
+    pool = PortalPool(1, stall_timeout=STALL_TIMEOUT, thread_name_prefix="wd2", **backend_kwargs)
+    (watchdog,) = _watchdogs("wd2")
+    pool.shutdown(wait=False)
+    watchdog.join(timeout=10)
+    assert not watchdog.is_alive()
+    pool.shutdown(wait=True)
+
+
+def test_the_watchdog_thread_is_gone_after_a_failed_with_block(
+    backend_kwargs: dict[str, Any],
+) -> None:
+    class Boom(Exception):
+        pass
+
+    with (
+        pytest.raises(Boom),
+        PortalPool(1, stall_timeout=STALL_TIMEOUT, thread_name_prefix="wd3", **backend_kwargs),
+    ):
+        assert len(_watchdogs("wd3")) == 1
+        raise Boom
+    assert _watchdogs("wd3") == []
+
+
+@pytest.mark.anyio
+async def test_the_watchdog_thread_is_gone_after_async_with(
+    backend_kwargs: dict[str, Any],
+) -> None:
+    async with PortalPool(
+        2, stall_timeout=STALL_TIMEOUT, thread_name_prefix="wd4", **backend_kwargs
+    ) as pool:
+        assert len(_watchdogs("wd4")) == 1
+        assert await pool.run_async(busy, 3) == 3
+    assert _watchdogs("wd4") == []
