@@ -207,6 +207,10 @@ class TrioRuntime:
         if not self.accepting:
             self._host._requeue(future)
             return
+        assert self._nursery is not None
+        if self._nursery.cancel_scope.cancel_called:
+            future.cancel()  # shutdown(cancel_futures=True) came before its first step
+            return
         if not future.set_running_or_notify_cancel():
             return
         self._running.add(future)
