@@ -80,20 +80,34 @@ def test_exception_keeps_type_and_traceback(make_pool: MakePool) -> None:
         pool.run(fail_deep)
 
 
-def test_base_exception_goes_to_its_future_only(make_pool: MakePool) -> None:
+class CustomBaseError(BaseException):
+    pass
+
+
+@pytest.mark.parametrize(
+    "error", [KeyboardInterrupt, SystemExit, GeneratorExit, CustomBaseError]
+)
+def test_base_exception_goes_to_its_future_only(
+    make_pool: MakePool, error: type[BaseException]
+) -> None:
     pool = make_pool(1)
+    started = threading.Event()
 
-    async def interrupt() -> None:
-        raise KeyboardInterrupt
+    async def bystander() -> str:
+        started.set()
+        await anyio.sleep(0.05)
+        return "unharmed"
 
-    async def exit_now() -> None:
-        raise SystemExit(3)
+    async def raise_it() -> None:
+        await anyio.sleep(0)
+        raise error
 
-    with pytest.raises(KeyboardInterrupt):
-        pool.submit(interrupt).result(timeout=10)
-    with pytest.raises(SystemExit):
-        pool.submit(exit_now).result(timeout=10)
-    # The worker's loop survived both and still serves.
+    other = pool.submit(bystander)
+    assert started.wait(10)
+    with pytest.raises(error):
+        pool.submit(raise_it).result(timeout=10)
+    # The worker's loop survived, and so did the task running beside the failing one.
+    assert other.result(timeout=10) == "unharmed"
     assert pool.run(double, 5) == 10
 
 
