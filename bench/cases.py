@@ -1,0 +1,263 @@
+"""The measurements. Each case opens its contender fresh, waits for every result and
+shuts it down before returning, so no case inherits another's threads or backlog."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from time import perf_counter, perf_counter_ns
+from typing import Any
+
+import portal_pool
+from portal_pool import PortalPool
+
+from .contenders import AsyncFn, BenchPool, Contender, round_trip
+from .workloads import hash_buffer, noop
+
+WORKERS = 2
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+Figures = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Counts:
+    """How much work each case does; ``scaled(10)`` is the ``--quick`` variant."""
+
+    noops: int = 30_000
+    chunksize: int = 512
+    warmup: int = 1_000
+    latency_calls: int = 2_000
+    latency_warmup: int = 200
+    sleepers: int = 20_000
+    hashes: int = 200
+    repeats: int = 3
+    rss_items: int = 1_000_000
+    rss_buffersize: int = 1_024
+
+    def scaled(self, divisor: int) -> Counts:
+        """Every count divided by ``divisor`` (chunk and buffer sizes stay)."""
+        return replace(
+            self,
+            noops=self.noops // divisor,
+            warmup=self.warmup // divisor,
+            latency_calls=self.latency_calls // divisor,
+            latency_warmup=self.latency_warmup // divisor,
+            sleepers=self.sleepers // divisor,
+            hashes=self.hashes // divisor,
+            rss_items=self.rss_items // divisor,
+        )
+
+
+def submit_all(pool: BenchPool, fn: AsyncFn, count: int, *args: Any) -> float:
+    """Submit ``count`` calls from this thread, wait for all; return the wall time."""
+    start = perf_counter()
+    futures = [pool.submit(fn, *args) for _ in range(count)]
+    for future in futures:
+        future.result()
+    return perf_counter() - start
+
+
+def map_all(pool: PortalPool[Any], fn: AsyncFn, count: int, chunksize: int) -> float:
+    """Iterate ``pool.map`` over ``range(count)`` without keeping results; return the time."""
+    start = perf_counter()
+    for _ in pool.map(fn, range(count), chunksize=chunksize):
+        pass
+    return perf_counter() - start
+
+
+def _settled() -> None:
+    gc.collect()
+
+
+def best_of(repeats: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
+    """Run ``measure`` ``repeats`` times (collecting garbage first); the best and all times."""
+    samples = []
+    for _ in range(repeats):
+        _settled()
+        samples.append(measure())
+    return min(samples), samples
+
+
+def bench_submit(contender: Contender, counts: Counts) -> Figures:
+    """Throughput of per-item submit of no-op coroutines, one submitting thread."""
+    with contender.opened(WORKERS) as pool:
+        submit_all(pool, noop, counts.warmup)
+        seconds, samples = best_of(counts.repeats, lambda: submit_all(pool, noop, counts.noops))
+    return {"items_per_s": counts.noops / seconds, "samples_s": samples, "via": "submit"}
+
+
+def bench_map(contender: Contender, counts: Counts) -> Figures:
+    """Throughput of ``map(chunksize)``; per-item submit for contenders without a map."""
+    with contender.opened(WORKERS) as pool:
+        if isinstance(pool, PortalPool):
+            mapper = pool
+            map_all(mapper, noop, counts.warmup, counts.chunksize)
+            seconds, samples = best_of(
+                counts.repeats, lambda: map_all(mapper, noop, counts.noops, counts.chunksize)
+            )
+            via = f"map(chunksize={counts.chunksize})"
+        else:
+            submit_all(pool, noop, counts.warmup)
+            seconds, samples = best_of(counts.repeats, lambda: submit_all(pool, noop, counts.noops))
+            via = "submit"
+    return {"items_per_s": counts.noops / seconds, "samples_s": samples, "via": via}
+
+
+def _percentile(ordered: list[int], fraction: float) -> int:
+    """Nearest-rank percentile of an ascending list."""
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def bench_latency(contender: Contender, counts: Counts) -> Figures:
+    """Round trips of a no-op, one at a time, after a warm-up."""
+    with contender.opened(WORKERS) as pool:
+        call = round_trip(pool)
+        for _ in range(counts.latency_warmup):
+            call(noop)
+        _settled()
+        samples: list[int] = []
+        for _ in range(counts.latency_calls):
+            start = perf_counter_ns()
+            call(noop)
+            samples.append(perf_counter_ns() - start)
+    samples.sort()
+    return {
+        "p50_us": _percentile(samples, 0.50) / 1000,
+        "p99_us": _percentile(samples, 0.99) / 1000,
+        "mean_us": sum(samples) / len(samples) / 1000,
+        "calls": len(samples),
+    }
+
+
+def bench_sleepers(contender: Contender, counts: Counts) -> Figures:
+    """Wall time from the first submit to the last result of tasks that sleep 0.1 s."""
+    sleeper = contender.sleeper
+    figures: Figures = {}
+    with contender.opened(WORKERS) as pool:
+        submit_all(pool, noop, counts.warmup)
+        figures["submit_s"], figures["submit_samples_s"] = best_of(
+            counts.repeats, lambda: submit_all(pool, sleeper, counts.sleepers)
+        )
+    if contender.is_portal_pool:
+        with contender.opened(WORKERS) as mapper:
+            assert isinstance(mapper, PortalPool)
+            map_all(mapper, noop, counts.warmup, counts.chunksize)
+            figures["map_s"], figures["map_samples_s"] = best_of(
+                counts.repeats, lambda: map_all(mapper, sleeper, counts.sleepers, counts.chunksize)
+            )
+    figures["sleeper"] = sleeper.__module__ + "." + sleeper.__qualname__
+    return figures
+
+
+def _buffers() -> list[bytes]:
+    return [os.urandom(1 << 20) for _ in range(4)]
+
+
+def _hash_on_threads(buffers: list[bytes], count: int, threads: int) -> float:
+    """Hash ``count`` buffers split over ``threads`` plain threads; return the wall time."""
+
+    def work(share: range) -> None:
+        for index in share:
+            hashlib.sha256(buffers[index % len(buffers)]).digest()
+
+    workers = [
+        threading.Thread(target=work, args=(range(first, count, threads),))
+        for first in range(threads)
+    ]
+    start = perf_counter()
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return perf_counter() - start
+
+
+def bench_scaling(contender: Contender, counts: Counts) -> Figures:
+    """SHA-256 over 1 MiB buffers on 1 worker and on 2; best of a few alternating runs.
+
+    Each round also times the same hashing on 1 and 2 plain threads, so the figure can be
+    read against the scaling the machine allowed at that moment.
+    """
+    buffers = _buffers()
+
+    def hash_all(pool: BenchPool) -> float:
+        start = perf_counter()
+        futures = [
+            pool.submit(hash_buffer, buffers[index % len(buffers)])
+            for index in range(counts.hashes)
+        ]
+        for future in futures:
+            future.result()
+        return perf_counter() - start
+
+    best = {"one": math.inf, "two": math.inf, "threads_one": math.inf, "threads_two": math.inf}
+    with contender.opened(1) as one, contender.opened(2) as two:
+        for pool in (one, two):
+            submit_all(pool, hash_buffer, 4, buffers[0])  # warm-up
+        _settled()
+        for _ in range(counts.repeats):
+            rounds: dict[str, Callable[[], float]] = {
+                "one": lambda: hash_all(one),
+                "two": lambda: hash_all(two),
+                "threads_one": lambda: _hash_on_threads(buffers, counts.hashes, 1),
+                "threads_two": lambda: _hash_on_threads(buffers, counts.hashes, 2),
+            }
+            for name, measure in rounds.items():
+                best[name] = min(best[name], measure())
+    return {
+        "one_s": best["one"],
+        "two_s": best["two"],
+        "speedup": best["one"] / best["two"],
+        "threads_speedup": best["threads_one"] / best["threads_two"],
+    }
+
+
+def bench_rss(contender: Contender, counts: Counts) -> Figures | None:
+    """Peak RSS growth of a bounded ``map`` over many items, in a fresh subprocess."""
+    if not contender.is_portal_pool:
+        return None
+    command = [
+        sys.executable,
+        "-m",
+        "bench.rss_probe",
+        contender.backend or "asyncio",
+        json.dumps(contender.backend_options),
+        str(counts.rss_items),
+        str(counts.rss_buffersize),
+    ]
+    # The probe must import the same portal_pool as this process, and this bench package.
+    library = str(Path(portal_pool.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        dict.fromkeys(filter(None, [library, str(REPO_ROOT), env.get("PYTHONPATH")]))
+    )
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"rss probe failed ({done.returncode}): {done.stderr.strip()}")
+    figures: Figures = json.loads(done.stdout)
+    return figures
+
+
+Case = Callable[[Contender, Counts], Figures | None]
+
+#: name -> (what it measures, function), in the order they run
+CASES: dict[str, tuple[str, Case]] = {
+    "submit": ("submit throughput", bench_submit),
+    "map": ("map throughput", bench_map),
+    "latency": ("round-trip latency", bench_latency),
+    "sleepers": ("sleepers wall time", bench_sleepers),
+    "scaling": ("2-vs-1 worker scaling", bench_scaling),
+    "rss": ("bounded map peak RSS", bench_rss),
+}

@@ -1,0 +1,538 @@
+"""Turning results into the markdown table, the targets check, JSON, README and chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .cases import Counts
+from .contenders import Contender
+
+#: results[case][contender key] -> that case's figures for that contender
+Results = dict[str, dict[str, dict[str, Any]]]
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+
+# -- machine -----------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _library_state() -> str:
+    """Which portal_pool was measured: the repo's commit (``+dirty`` if portal_pool/ has
+    uncommitted changes), or the directory it was imported from."""
+    import portal_pool
+
+    library = Path(portal_pool.__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent
+    if library.parent != root:
+        return f"from {library}"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "portal_pool"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "from this checkout"
+    return "at " + commit + ("+dirty" if dirty else "")
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on, and when."""
+    import portal_pool
+
+    return {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "platform": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "gil": "free-threaded" if not getattr(sys, "_is_gil_enabled", lambda: True)() else "GIL",
+        "packages": {
+            "portal_pool": portal_pool.__version__,
+            "portal_pool_source": _library_state(),
+            "anyio": _version("anyio"),
+            "trio": _version("trio"),
+            "uvloop": _version("uvloop"),
+        },
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+# -- targets -----------------------------------------------------------------------------
+
+
+def _get(results: Results, case: str, key: str, field: str) -> float | None:
+    value = results.get(case, {}).get(key, {})
+    found = value.get(field) if isinstance(value, dict) else None
+    return float(found) if found is not None else None
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+@dataclass(frozen=True)
+class Target:
+    """One PASS/MISS row: a measured figure of one PortalPool backend against a bound."""
+
+    what: str
+    case: str
+    contender: str
+    measure: Callable[[Results], float | None]
+    at_least: bool
+    bound: float
+    unit: str
+
+    def check(self, results: Results) -> dict[str, Any] | None:
+        """The row, ``None`` if the case did not run; ``FAILED`` if it raised."""
+        row: dict[str, Any] = {
+            "what": self.what,
+            "contender": self.contender,
+            "measured": None,
+            "required": f"{'≥' if self.at_least else '≤'} {self.bound:g}{self.unit}",
+            "unit": self.unit,
+        }
+        if "error" in results.get(self.case, {}).get(self.contender, {}):
+            return row | {"result": "FAILED"}
+        value = self.measure(results)
+        if value is None:
+            return None
+        passed = value >= self.bound if self.at_least else value <= self.bound
+        return row | {"measured": value, "result": "PASS" if passed else "MISS"}
+
+
+Measure = Callable[[Results], float | None]
+
+
+def _vs_seed(case: str, key: str, field: str) -> Measure:
+    """This contender's ``field`` ÷ the seed's, both from ``case``."""
+    return lambda results: _ratio(
+        _get(results, case, key, field), _get(results, case, "seed", field)
+    )
+
+
+def _speedup_vs_seed(key: str, field: str) -> Measure:
+    """The seed's sleepers wall time (via submit) ÷ this contender's ``field``."""
+    return lambda results: _ratio(
+        _get(results, "sleepers", "seed", "submit_s"), _get(results, "sleepers", key, field)
+    )
+
+
+def _figure(case: str, key: str, field: str) -> Measure:
+    return lambda results: _get(results, case, key, field)
+
+
+def targets(counts: Counts) -> list[Target]:
+    """The project's performance targets, for each PortalPool backend.
+
+    asyncio's bounds apply to uvloop too: both are compared with the plain-asyncio seed.
+    """
+    rows: list[Target] = []
+    sleepers = f"{counts.sleepers:,} sleepers"
+    for key, aio in (("asyncio", True), ("uvloop", True), ("trio", False)):
+        rows += [
+            Target(
+                "submit throughput ÷ seed",
+                "submit",
+                key,
+                _vs_seed("submit", key, "items_per_s"),
+                True,
+                1.2 if aio else 1.0,
+                TIMES,
+            ),
+            Target(
+                "map throughput ÷ seed",
+                "map",
+                key,
+                _vs_seed("map", key, "items_per_s"),
+                True,
+                3.0 if aio else 2.5,
+                TIMES,
+            ),
+            Target(
+                "round trip p50 ÷ seed",
+                "latency",
+                key,
+                _vs_seed("latency", key, "p50_us"),
+                False,
+                1.2 if aio else 1.3,
+                TIMES,
+            ),
+        ]
+        for via in ("submit", "map"):
+            field = f"{via}_s"
+            rows.append(
+                Target(
+                    f"{sleepers} via {via}: wall time",
+                    "sleepers",
+                    key,
+                    _figure("sleepers", key, field),
+                    False,
+                    0.6 if aio else 0.7,
+                    " s",
+                )
+            )
+            if aio:
+                rows.append(
+                    Target(
+                        f"{sleepers} via {via}: speedup vs seed",
+                        "sleepers",
+                        key,
+                        _speedup_vs_seed(key, field),
+                        True,
+                        2.0,
+                        TIMES,
+                    )
+                )
+        rows += [
+            Target(
+                "sha256 scaling, 2 ÷ 1 workers",
+                "scaling",
+                key,
+                _figure("scaling", key, "speedup"),
+                True,
+                1.7,
+                TIMES,
+            ),
+            Target(
+                f"{counts.rss_items:,}-item bounded map: peak RSS growth",
+                "rss",
+                key,
+                _figure("rss", key, "growth_mib"),
+                False,
+                64.0,
+                " MiB",
+            ),
+        ]
+    return rows
+
+
+def check_targets(results: Results, counts: Counts) -> list[dict[str, Any]]:
+    """Every target whose case ran in this run."""
+    checked = (target.check(results) for target in targets(counts))
+    return [row for row in checked if row is not None]
+
+
+# -- markdown ----------------------------------------------------------------------------
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "items/s":
+        return f"{value:,.0f}"
+    if unit in ("µs", "MiB"):
+        return f"{value:,.1f}"
+    if unit == "s":
+        return f"{value:.3f}"
+    return f"{value:.2f}{TIMES}"
+
+
+def _row(
+    label: str,
+    contenders: Iterable[Contender],
+    results: Results,
+    case: str,
+    field: str,
+    unit: str,
+    seed_field: str | None = None,
+    marks: dict[str, str] | None = None,
+    bracket_field: str | None = None,
+) -> str | None:
+    """One table row; the ratio in parentheses is this value ÷ the seed's ``seed_field``."""
+    if case not in results:
+        return None
+    seed = _get(results, case, "seed", seed_field) if seed_field else None
+    cells = []
+    for contender in contenders:
+        if "error" in results[case].get(contender.key, {}):
+            cells.append("failed")
+            continue
+        value = _get(results, case, contender.key, field)
+        if value is None:
+            cells.append("—")
+            continue
+        cell = _fmt(value, unit) + (marks or {}).get(contender.key, "")
+        ratio = _ratio(value, seed)
+        if ratio is not None and contender.key != "seed":
+            cell += f" ({ratio:.2f}{TIMES})"
+        bracket = _get(results, case, contender.key, bracket_field) if bracket_field else None
+        if bracket is not None:
+            cell += f" [{bracket:.2f}{TIMES}]"
+        cells.append(cell)
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def _load_note(machine: dict[str, Any]) -> str:
+    start, end = machine.get("loadavg_at_start"), machine.get("loadavg_at_end")
+    if not start or not end:
+        return ""
+    return (
+        f" 1-minute load average {start[0]:.2f} at the start, {end[0]:.2f} at the end "
+        "(anything near or above 1 means another process shared the cores)."
+    )
+
+
+def render(
+    results: Results,
+    contenders: list[Contender],
+    counts: Counts,
+    machine: dict[str, Any],
+    checks: list[dict[str, Any]],
+    problems: dict[str, str],
+    quick: bool,
+) -> str:
+    """The markdown block: machine line, side-by-side table, targets, footnotes."""
+    no_map = {"seed": "¹", "portal": "¹"}
+    n = f"{counts.noops:,}"
+    rows = [
+        _row(
+            f"submit: {n} no-ops, items/s",
+            contenders,
+            results,
+            "submit",
+            "items_per_s",
+            "items/s",
+            "items_per_s",
+        ),
+        _row(
+            f"map: {n} no-ops, chunksize={counts.chunksize}, items/s",
+            contenders,
+            results,
+            "map",
+            "items_per_s",
+            "items/s",
+            "items_per_s",
+            no_map,
+        ),
+        _row(
+            "round trip (`run`) p50, µs", contenders, results, "latency", "p50_us", "µs", "p50_us"
+        ),
+        _row(
+            "round trip (`run`) p99, µs", contenders, results, "latency", "p99_us", "µs", "p99_us"
+        ),
+        _row(
+            f"{counts.sleepers:,} {TIMES} sleep(0.1) via submit, wall s",
+            contenders,
+            results,
+            "sleepers",
+            "submit_s",
+            "s",
+            "submit_s",
+        ),
+        _row(
+            f"{counts.sleepers:,} {TIMES} sleep(0.1) via map(chunksize={counts.chunksize}), wall s",
+            contenders,
+            results,
+            "sleepers",
+            "map_s",
+            "s",
+            "submit_s",
+        ),
+        _row(
+            f"sha256 of {counts.hashes} {TIMES} 1 MiB: 1 → 2 workers speedup",
+            contenders,
+            results,
+            "scaling",
+            "speedup",
+            TIMES,
+            bracket_field="threads_speedup",
+        ),
+        _row(
+            f"{counts.rss_items:,}-item `map(buffersize={counts.rss_buffersize})`: "
+            "peak RSS growth, MiB",
+            contenders,
+            results,
+            "rss",
+            "growth_mib",
+            "MiB",
+        ),
+    ]
+    packages = machine["packages"]
+    lines = [
+        f"Measured {machine['date']} on {machine['cpu_model']}, nproc {machine['nproc']}, "
+        f"{machine['platform']}, {machine['python']} "
+        f"({machine['gil']}), anyio {packages['anyio']}, trio {packages['trio']}, "
+        f"uvloop {packages['uvloop']}, portal_pool {packages['portal_pool']}"
+        f" {packages['portal_pool_source']}"
+        ". One process, one run of `python -m bench"
+        f"{' --quick' if quick else ''}`; every contender has 2 workers"
+        f"{' (QUICK RUN: counts ÷ 10, not comparable to a full run)' if quick else ''}."
+        f"{_load_note(machine)}",
+        "",
+        "| figure | " + " | ".join(c.label for c in contenders) + " |",
+        "| --- |" + " ---: |" * len(contenders),
+        *(row for row in rows if row is not None),
+    ]
+    if checks:
+        lines += [
+            "",
+            "| target | PortalPool | measured | required | result |",
+            "| --- | --- | ---: | ---: | :---: |",
+        ]
+        for check in checks:
+            measured, unit = check["measured"], check["unit"]
+            if measured is None:
+                shown = "—"
+            elif unit == " MiB":
+                shown = f"{measured:.1f} MiB"
+            else:
+                shown = f"{measured:.2f}{unit}"
+            result = "PASS" if check["result"] == "PASS" else f"**{check['result']}**"
+            lines.append(
+                f"| {check['what']} | {check['contender']} | {shown} | {check['required']} | "
+                f"{result} |"
+            )
+    lines += [
+        "",
+        f"Throughput and wall times are the best of {counts.repeats} runs on one warmed-up "
+        "pool (all runs are in `bench/results/latest.json`). "
+        "Ratios in parentheses are contender ÷ seed pattern, from the same run: higher is "
+        "better for items/s, lower is better for µs and wall seconds (the map-sleepers row is "
+        "divided by the seed's submit time). ¹ The seed pattern and raw anyio portals have no "
+        "`map`; their map row is per-item submit again (`run_coroutine_threadsafe` / "
+        "`start_task_soon`), measured separately. Round trips: seed "
+        "`run_coroutine_threadsafe(...).result()`, anyio `portal.call`, PortalPool "
+        "`pool.run`, "
+        f"{counts.latency_calls:,} calls after {counts.latency_warmup} warm-up. Sleepers: the "
+        "seed awaits `asyncio.sleep(0.1)`, the others `anyio.sleep(0.1)`; wall time from the "
+        "first submit to the last result. Scaling: time(1 worker) ÷ time(2 workers), best of "
+        f"{counts.repeats} alternating rounds; in brackets, the same hashing on 2 vs 1 plain "
+        "threads in the same rounds, i.e. what the machine allowed at that moment. RSS: a fresh "
+        "subprocess per backend, VmHWM after minus before iterating the map without keeping "
+        "results.",
+    ]
+    if problems:
+        lines += ["", "**Problems in this run:**", ""]
+        lines += [f"- `{where}` {what}" for where, what in problems.items()]
+    return "\n".join(lines)
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write the run's results, machine and checks as JSON."""
+    _write_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def update_readme(path: Path, block: str, chart: str | None) -> None:
+    """Replace the text between the bench markers, or append a Performance section.
+
+    Nothing outside the markers is changed.
+    """
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    body = block + (f"\n\n![throughput by contender and backend]({chart})" if chart else "")
+    section = f"{README_START}\n{body}\n{README_END}"
+    start, end = text.find(README_START), text.find(README_END)
+    if start != -1 and end > start:
+        updated = text[:start] + section + text[end + len(README_END) :]
+    elif start == -1 and end == -1:
+        # Append after exactly one blank line, whatever the file ends with.
+        separator = "\n\n" if text and not text.endswith("\n") else "\n" if text else ""
+        if text.endswith("\n\n"):
+            separator = ""
+        updated = f"{text}{separator}## Performance\n\n{section}\n"
+    else:
+        raise ValueError(f"{path}: bench markers are unbalanced; not touching it")
+    _write_atomic(path, updated)
+
+
+def write_chart(path: Path, results: Results, contenders: list[Contender], counts: Counts) -> bool:
+    """Grouped bars: no-op throughput (submit, map) and sleepers throughput, per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    panels = [
+        (
+            "no-op tasks, items/s",
+            [("submit", "items_per_s", "submit"), ("map", "items_per_s", "map")],
+        ),
+        (
+            "sleep(0.1) tasks, items/s of wall time",
+            [("sleepers", "submit_s", "submit"), ("sleepers", "map_s", "map")],
+        ),
+    ]
+    if not any(case in results for _, series in panels for case, _, _ in series):
+        return False
+    figure, axes = plt.subplots(1, len(panels), figsize=(12, 4.5))
+    width = 0.38
+    for axis, (title, series) in zip(axes, panels, strict=True):
+        for offset, (case, field, name) in enumerate(series):
+            heights = []
+            for contender in contenders:
+                value = _get(results, case, contender.key, field)
+                if value and case == "sleepers":
+                    value = counts.sleepers / value
+                heights.append(value or 0.0)
+            positions = [i + (offset - 0.5) * width for i in range(len(contenders))]
+            bars = axis.bar(positions, heights, width, label=name)
+            axis.bar_label(
+                bars, labels=[f"{h / 1000:.0f}k" if h else "" for h in heights], fontsize=7
+            )
+        axis.set_xticks(
+            range(len(contenders)), [c.label.replace(" ", "\n", 1) for c in contenders], fontsize=8
+        )
+        axis.set_title(title)
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value / 1000:.0f}k"))
+        axis.legend(fontsize=8)
+    figure.suptitle(
+        "portal_pool benchmark, 2 workers (map = per-item submit for seed and portals)", fontsize=10
+    )
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

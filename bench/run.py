@@ -1,0 +1,143 @@
+"""``python -m bench``: every case, every contender, one process, one table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from .cases import CASES, REPO_ROOT, WORKERS, Counts
+from .contenders import CONTENDERS, Contender
+from .report import (
+    Results,
+    check_targets,
+    machine_info,
+    render,
+    update_readme,
+    write_chart,
+    write_json,
+)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK_DIVISOR = 10
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark PortalPool against the seed pattern and raw anyio portals.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"divide every count by {QUICK_DIVISOR} (a smoke test, not a measurement)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help=f"run only these cases (repeat or comma-separate): {', '.join(CASES)}",
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="do not touch README.md or the PNG chart"
+    )
+    args = parser.parse_args(argv)
+    if args.only:
+        names = [name.strip() for value in args.only for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in CASES]
+        if unknown:
+            parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+        args.only = names
+    return args
+
+
+def _leftover_threads(before: set[threading.Thread]) -> list[str]:
+    """Threads started since ``before`` that are still alive after a short grace period."""
+    leftover = [thread for thread in threading.enumerate() if thread not in before]
+    for thread in leftover:
+        thread.join(timeout=5)
+    return [thread.name for thread in leftover if thread.is_alive()]
+
+
+def _progress(case: str, contender: Contender, figures: dict[str, Any] | None) -> None:
+    if figures is None:
+        return
+    shown = ", ".join(
+        f"{key}={value:,.3f}" if isinstance(value, float) else f"{key}={value}"
+        for key, value in figures.items()
+    )
+    print(f"  {case:<8} {contender.label:<20} {shown}", file=sys.stderr, flush=True)
+
+
+def run_cases(
+    names: list[str], contenders: list[Contender], counts: Counts
+) -> tuple[Results, dict[str, str]]:
+    """Run the chosen cases over every contender; return results and any problems.
+
+    A case that raises is recorded as failed and the run goes on; so is a case that leaves a
+    thread running after it has shut its contender down.
+    """
+    results: Results = {}
+    problems: dict[str, str] = {}
+    for name in names:
+        _, case = CASES[name]
+        for contender in contenders:
+            where = f"{name}/{contender.key}"
+            before = set(threading.enumerate())
+            try:
+                figures = case(contender, counts)
+            except Exception as exc:  # reported in the table; the run goes on
+                figures = {"error": f"{type(exc).__name__}: {exc}"}
+                problems[where] = f"failed with {figures['error']}"
+            leftover = _leftover_threads(before)
+            if leftover:
+                problems[where] = (
+                    problems.get(where, "") + f" left threads running: {', '.join(leftover)}"
+                ).strip()
+            _progress(name, contender, figures)
+            if figures is not None:
+                results.setdefault(name, {})[contender.key] = figures
+    return results, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the markdown table; 1 if a case failed or leaked threads."""
+    args = _parse(argv)
+    counts = Counts().scaled(QUICK_DIVISOR) if args.quick else Counts()
+    names = args.only or list(CASES)
+    contenders = [contender for contender in CONTENDERS if contender.available]
+    skipped = [contender.label for contender in CONTENDERS if not contender.available]
+    if skipped:
+        print(f"skipping (not installed): {', '.join(skipped)}", file=sys.stderr)
+
+    machine = machine_info()
+    results, problems = run_cases(names, contenders, counts)
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_at_end"] = os.getloadavg()
+    checks = check_targets(results, counts)
+    table = render(results, contenders, counts, machine, checks, problems, args.quick)
+    print(table)
+
+    write_json(
+        RESULTS_DIR / "latest.json",
+        {
+            "machine": machine,
+            "quick": args.quick,
+            "cases": names,
+            "workers": WORKERS,
+            "counts": vars(counts),
+            "contenders": {c.key: c.label for c in contenders},
+            "results": results,
+            "targets": checks,
+            "problems": problems,
+        },
+    )
+    if not args.no_write:
+        chart = RESULTS_DIR / "throughput.png"
+        drawn = write_chart(chart, results, contenders, counts)
+        relative = chart.relative_to(REPO_ROOT).as_posix() if drawn else None
+        update_readme(REPO_ROOT / "README.md", table, relative)
+    return 1 if problems else 0
