@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
+from pathlib import Path
 
 import nox
 
@@ -43,3 +47,77 @@ def bench(session: nox.Session) -> None:
     """Run the benchmark; it rewrites the README's Performance table and the chart."""
     session.install(".[trio,uvloop]", "matplotlib")
     session.run("python", "-m", "bench", *session.posargs)
+
+
+# -- documentation, examples, typing, lowest versions ----------------------------------
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/; a broken reference or link fails it."""
+    # mkdocstrings formats the signatures with Ruff when it is installed.
+    session.install(".[docs]", "ruff")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@nox.session
+def docs_browser(session: nox.Session) -> None:
+    """Render the home and API pages in headless Chromium; save docs/_screenshots/*.png."""
+    if not os.path.exists(CHROMIUM):
+        session.error(
+            f"{CHROMIUM} not found: install Debian's Chromium first, as root: "
+            "apt-get update && apt-get install -y chromium"
+        )
+    session.install(".[docs]", "ruff")
+    session.run("python", "docs/_check_browser.py", *session.posargs)
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Run every example, the web ones included (httpx, hypercorn, Flask), on both backends."""
+    session.install(".[trio,uvloop,examples]", *TEST_DEPS)
+    session.run("pytest", "tests/test_examples.py", "tests/test_examples_web.py", *session.posargs)
+
+
+@nox.session
+def verifytypes(session: nox.Session) -> None:
+    """Check that the public API is completely typed, as a user's type checker sees it."""
+    # A regular (not editable) install: --verifytypes looks for the package in the
+    # environment's site-packages.
+    session.install(".[trio,uvloop]", "pyright")
+    session.run("pyright", "--verifytypes", "portal_pool", "--ignoreexternal")
+
+
+def _lower_bounds() -> dict[str, str]:
+    """The ``>=`` bound of anyio, trio and uvloop in pyproject.toml, the one source of them."""
+    text = Path("pyproject.toml").read_text(encoding="utf-8")
+    bounds = dict(re.findall(r'"(anyio|trio|uvloop)>=([0-9][0-9.]*)', text))
+    missing = {"anyio", "trio", "uvloop"} - set(bounds)
+    if missing:
+        raise RuntimeError(f"no lower bound found in pyproject.toml for {sorted(missing)}")
+    return bounds
+
+
+def _runs(program: str) -> bool:
+    """Whether ``program --version`` works: a pyenv shim exists even when it cannot run."""
+    path = shutil.which(program)
+    if path is None:
+        return False
+    result = subprocess.run([path, "--version"], capture_output=True, check=False)
+    return result.returncode == 0
+
+
+# The oldest Python the project supports where this machine can run it, else nox's own.
+LOWEST_PYTHON = PYTHONS[0] if _runs(f"python{PYTHONS[0]}") else None
+
+
+@nox.session(python=LOWEST_PYTHON)
+def lowest(session: nox.Session) -> None:
+    """Run the suite against the lowest anyio, trio and uvloop that pyproject.toml allows."""
+    pins = [f"{name}=={version}" for name, version in sorted(_lower_bounds().items())]
+    session.install(".[trio,uvloop]", *TEST_DEPS, *pins)
+    session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
+    session.run("pytest", *session.posargs)

@@ -12,6 +12,7 @@ from concurrent.futures._base import (  # the states are not re-exported publicl
     RUNNING,
 )
 from contextlib import suppress
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -83,12 +84,13 @@ class TaskFuture(Future[T]):
             raise RuntimeError(f"future in unexpected state {self._state}")
 
     def result(self, timeout: float | None = None) -> T:
-        if not self.done():
+        # The thread check first: it is lock-free, and false on every normal call.
+        if self._worker._thread_ident == get_ident() and not self.done():
             self._worker._check_not_own_loop("waiting for a future of this worker")
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self.done():
+        if self._worker._thread_ident == get_ident() and not self.done():
             self._worker._check_not_own_loop("waiting for a future of this worker")
         return super().exception(timeout)
 

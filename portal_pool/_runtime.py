@@ -52,36 +52,22 @@ class Runtime(Protocol):
     def unfinished(self) -> list[TaskFuture[Any]]:
         """Futures of tasks started here and not yet settled (after a loop died)."""
 
-
-async def _call_asyncio(runtime: AsyncioRuntime, future: TaskFuture[Any]) -> Outcome | None:
-    """Run the future's call; ``None`` if it never started (cancelled, or the loop died)."""
-    # The future turns RUNNING here, in the task's first step, not at spawn: a task
-    # that a dying loop cancels before it ever ran leaves its future PENDING, and the
-    # work goes back to the inbox for the next loop instead of being lost.
-    if not runtime.accepting or not future.set_running_or_notify_cancel():
-        return None
-    fn, args, kwargs = future._take_call()
-    # Every exception but cancellation becomes an outcome. asyncio re-raises
-    # KeyboardInterrupt and SystemExit out of the loop itself, which would kill every
-    # other task on this worker; here they go to the caller's future instead.
-    try:
-        value = fn(*args, **kwargs)
-        if isawaitable(value):
-            value = await value
-    except asyncio.CancelledError:
-        raise
-    except BaseException as exc:
-        return False, exc
-    return True, value
+    def never_started(self) -> list[TaskFuture[Any]]:
+        """Futures whose task was spawned but never ran (after a loop died)."""
 
 
 class AsyncioRuntime:
-    """Tasks on an asyncio (or uvloop) loop, joined like a task group."""
+    """Tasks on an asyncio (or uvloop) loop, joined like a task group.
+
+    Each task settles its own future and removes itself in its own ``finally``: no done
+    callback, so finishing a task schedules nothing more on the loop.
+    """
 
     def __init__(self, host: Host) -> None:
         self._loop = asyncio.get_running_loop()
         self._host = host
-        self._running: dict[asyncio.Task[Outcome | None], TaskFuture[Any]] = {}
+        # Every task spawned and not yet finished, by its future.
+        self._tasks: dict[TaskFuture[Any], asyncio.Task[None]] = {}
         # Awaited by the worker's main task while it serves. Cancelling a task cancels
         # the future it awaits at once, so a dying loop (whose teardown cancels every
         # task before running queued callbacks) is visible here before any further
@@ -89,6 +75,7 @@ class AsyncioRuntime:
         self._serving: asyncio.Future[None] = self._loop.create_future()
         self._idle: asyncio.Future[None] | None = None
         self._joined = False
+        self._cancelling = False
 
     @property
     def accepting(self) -> bool:
@@ -103,53 +90,78 @@ class AsyncioRuntime:
             self._joined = True
 
     def start(self, future: TaskFuture[Any]) -> None:
-        task = self._loop.create_task(_call_asyncio(self, future))
+        task = self._loop.create_task(self._run(future))
         future._canceller = task.cancel
-        self._running[task] = future
-        task.add_done_callback(self._task_done)
+        self._tasks[future] = task
 
     def request_stop(self, cancel: bool) -> None:
         if not self._serving.done():
             self._serving.set_result(None)
         if cancel:
-            for task in self._running:
-                task.cancel()
+            # Tasks not started yet see the flag at their first step and never run
+            # their call; cancelling them now would skip their cleanup entirely.
+            self._cancelling = True
+            for future, task in self._tasks.items():
+                if future._started:
+                    task.cancel()
 
     def unfinished(self) -> list[TaskFuture[Any]]:
-        return [future for future in self._running.values() if future.running()]
+        return [future for future in self._tasks if future.running()]
 
-    def _task_done(self, task: asyncio.Task[Outcome | None]) -> None:
-        future = self._running.pop(task)
-        self._host._task_ended()
-        if not future._started:
-            # The call never ran. Cancelled while queued: cancel() has settled it.
-            # Still pending: the loop is dying (requeue) or shutting down (cancel).
-            if future._state == PENDING:
-                if self.accepting:
-                    future.cancel()
-                else:
-                    self._host._requeue(future)
-        elif task.cancelled():
-            future._settle_cancelled()
-        else:
-            outcome = task.result()
-            if outcome is not None:
-                future._settle(*outcome)
-        if not self._running and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
+    def never_started(self) -> list[TaskFuture[Any]]:
+        return [future for future in self._tasks if not future._started]
+
+    async def _run(self, future: TaskFuture[Any]) -> None:
+        # The future turns RUNNING here, in the task's first step, not at spawn, so
+        # work whose task never ran can go back to the inbox when the loop dies.
+        try:
+            if not self.accepting:
+                self._host._requeue(future)
+                return
+            if self._cancelling:
+                future.cancel()  # shutdown(cancel_futures=True) came before this step
+                return
+            if not future.set_running_or_notify_cancel():
+                return
+            fn, args, kwargs = future._take_call()
+            # Every exception but cancellation goes to the future. asyncio re-raises
+            # KeyboardInterrupt and SystemExit out of the loop itself, which would kill
+            # every other task on this worker.
+            try:
+                value = fn(*args, **kwargs)
+                if isawaitable(value):
+                    value = await value
+            except asyncio.CancelledError:
+                future._settle_cancelled()
+                raise
+            except BaseException as exc:
+                future._settle(False, exc)
+            else:
+                future._settle(True, value)
+        finally:
+            del self._tasks[future]
+            self._host._task_ended()
+            if not self._tasks and self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
 
     async def _join(self) -> None:
         cancelled: BaseException | None = None
-        while self._running:
+        while self._tasks:
             self._idle = self._loop.create_future()
             try:
                 await self._idle
             except asyncio.CancelledError as exc:
                 # Our own task is being cancelled: cancel the children, but still wait
-                # for them, as a task group would.
+                # for them, as a task group would. A task that never took its first
+                # step never reaches its finally, so it is accounted for here.
                 cancelled = exc
-                for task in self._running:
+                for future, task in list(self._tasks.items()):
                     task.cancel()
+                    if not future._started:
+                        del self._tasks[future]
+                        self._host._task_ended()
+                        if future._state == PENDING:
+                            self._host._requeue(future)
         if cancelled is not None:
             raise cancelled
 
@@ -195,6 +207,9 @@ class TrioRuntime:
 
     def unfinished(self) -> list[TaskFuture[Any]]:
         return [future for future in self._running if future.running()]
+
+    def never_started(self) -> list[TaskFuture[Any]]:
+        return []  # a trio task always runs its first step, which requeues if need be
 
     async def _call(self, future: TaskFuture[Any], scope: Any) -> None:
         try:

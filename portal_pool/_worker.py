@@ -175,10 +175,13 @@ class Worker(Generic[C_co]):
         """
         check_callable(fn)
         limit = self._pending_limit
-        if limit is not None:
-            if limit.would_block():
-                _check_not_in_pool_loop(limit)
-            limit.acquire()
+        if limit is None:  # the hot path, kept flat
+            future: TaskFuture[Any] = TaskFuture(self, fn, args, kwargs)
+            self._enqueue(future)
+            return future
+        if limit.would_block():
+            _check_not_in_pool_loop(limit)
+        limit.acquire()
         return self._submit_admitted(fn, args, kwargs)
 
     def _submit_admitted(
@@ -486,6 +489,10 @@ class Worker(Generic[C_co]):
             self._wake_pending = True
         if failure is not None and not self._ready.done():
             self._ready.set_exception(failure)
+        if runtime is not None:
+            for future in runtime.never_started():
+                if future._state == PENDING:
+                    self._requeue(future)
         if runtime is not None and failure is not None:
             broken = BrokenPortalPool(f"worker {self._index}'s event loop failed: {failure!r}")
             for future in runtime.unfinished():

@@ -84,9 +84,7 @@ class CustomBaseError(BaseException):
     pass
 
 
-@pytest.mark.parametrize(
-    "error", [KeyboardInterrupt, SystemExit, GeneratorExit, CustomBaseError]
-)
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit, GeneratorExit, CustomBaseError])
 def test_base_exception_goes_to_its_future_only(
     make_pool: MakePool, error: type[BaseException]
 ) -> None:
