@@ -21,7 +21,7 @@ import portal_pool
 from portal_pool import PortalPool
 
 from .contenders import AsyncFn, BenchPool, Contender, round_trip
-from .workloads import hash_buffer, noop
+from .workloads import bare_loops_sleepers, hash_buffer, noop
 
 WORKERS = 2
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -156,6 +156,13 @@ def bench_sleepers(contender: Contender, counts: Counts) -> Figures:
                 counts.repeats, lambda: map_all(mapper, sleeper, counts.sleepers, counts.chunksize)
             )
     figures["sleeper"] = sleeper.__module__ + "." + sleeper.__qualname__
+    if contender.key != "portal":
+        # The same sleepers on bare loops in threads, no pool: what the loops themselves
+        # cost, so a pool's figure can be read against its backend's floor.
+        figures["bare_s"], figures["bare_samples_s"] = best_of(
+            counts.repeats,
+            lambda: bare_loops_sleepers(contender.loop_kind, WORKERS, counts.sleepers),
+        )
     return figures
 
 

@@ -13,7 +13,7 @@ from portal_pool import PortalPool
 
 from .raw_portal import RawPortals
 from .seed_pattern import SeedPool
-from .workloads import anyio_sleeper, asyncio_sleeper
+from .workloads import anyio_sleeper, asyncio_sleeper, trio_sleeper
 
 AsyncFn = Callable[..., Coroutine[Any, Any, Any]]
 
@@ -48,8 +48,18 @@ class Contender:
 
     @property
     def sleeper(self) -> AsyncFn:
-        """The 0.1 s sleeper this contender runs in the sleepers case."""
-        return asyncio_sleeper if self.key == "seed" else anyio_sleeper
+        """The 0.1 s sleeper this contender runs: the backend's own sleep, as user code
+        written for that backend would call it (the raw portals run anyio's)."""
+        if self.key == "portal":
+            return anyio_sleeper
+        return trio_sleeper if self.backend == "trio" else asyncio_sleeper
+
+    @property
+    def loop_kind(self) -> str:
+        """Which bare event loop is this contender's floor."""
+        if self.backend == "trio":
+            return "trio"
+        return "uvloop" if self.backend_options.get("use_uvloop") else "asyncio"
 
     def open(self, workers: int) -> BenchPool:
         """Start the contender with ``workers`` loops."""

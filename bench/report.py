@@ -22,6 +22,7 @@ Results = dict[str, dict[str, dict[str, Any]]]
 
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
+WORKERS_NOTE = "2 "
 TIMES = "\N{MULTIPLICATION SIGN}"
 
 
@@ -372,6 +373,14 @@ def render(
             "submit_s",
         ),
         _row(
+            f"the same sleepers on {WORKERS_NOTE}bare loops (no pool): the floor, wall s",
+            contenders,
+            results,
+            "sleepers",
+            "bare_s",
+            "s",
+        ),
+        _row(
             f"sha256 of {counts.hashes} {TIMES} 1 MiB: 1 → 2 workers speedup",
             contenders,
             results,
@@ -436,8 +445,10 @@ def render(
         "`start_task_soon`), measured separately. Round trips: seed "
         "`run_coroutine_threadsafe(...).result()`, anyio `portal.call`, PortalPool "
         "`pool.run`, "
-        f"{counts.latency_calls:,} calls after {counts.latency_warmup} warm-up. Sleepers: the "
-        "seed awaits `asyncio.sleep(0.1)`, the others `anyio.sleep(0.1)`; wall time from the "
+        f"{counts.latency_calls:,} calls after {counts.latency_warmup} warm-up. Sleepers: each "
+        "contender awaits its backend's own sleep (`asyncio.sleep(0.1)`, or `trio.sleep(0.1)` "
+        "on trio; the raw portals `anyio.sleep(0.1)`); the floor row runs the same sleepers "
+        "on 2 threads that each run a bare loop of that kind, with no pool; wall time from the "
         "first submit to the last result. Scaling: time(1 worker) ÷ time(2 workers), best of "
         f"{counts.repeats} alternating rounds; in brackets, the same hashing on 2 vs 1 plain "
         "threads in the same rounds, i.e. what the machine allowed at that moment. RSS: a fresh "
