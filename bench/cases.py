@@ -8,11 +8,15 @@ import hashlib
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from time import perf_counter, perf_counter_ns
 from typing import Any
@@ -43,6 +47,7 @@ class Counts:
     repeats: int = 3
     rss_items: int = 1_000_000
     rss_buffersize: int = 1_024
+    skew_tasks: int = 1_000
 
     def scaled(self, divisor: int) -> Counts:
         """Every count divided by ``divisor`` (chunk and buffer sizes stay)."""
@@ -55,6 +60,7 @@ class Counts:
             sleepers=self.sleepers // divisor,
             hashes=self.hashes // divisor,
             rss_items=self.rss_items // divisor,
+            skew_tasks=self.skew_tasks // divisor,
         )
 
 
@@ -257,6 +263,92 @@ def bench_rss(contender: Contender, counts: Counts) -> Figures | None:
     return figures
 
 
+def _blocking_call(seconds: float) -> None:
+    """A sync call that holds its worker's loop, as a blocking library call would."""
+    time.sleep(seconds)
+
+
+def bench_skew(contender: Contender, counts: Counts) -> Figures | None:
+    """round_robin vs least_loaded on a skewed stream: 10% of tasks are 100 times longer.
+
+    Tasks arrive one per millisecond; each blocks its loop for 0.5 ms or, for a seeded
+    random 10%, 50 ms (100 times longer). Round robin keeps feeding a loop stuck on a
+    long task; least loaded sees that loop's queue grow and goes elsewhere. Reports the
+    p99 time from submit to result, and the time until the last result.
+    """
+    if not contender.is_portal_pool:
+        return None
+    figures: Figures = {}
+    for schedule in ("round_robin", "least_loaded"):
+        durations = random.Random(7)
+        latencies: list[float] = []
+        with _portal_pool(contender, schedule=schedule) as pool:
+            futures = []
+            start = perf_counter()
+            for _ in range(counts.skew_tasks):
+                seconds = 0.05 if durations.random() < 0.1 else 0.0005
+                submitted = perf_counter()
+                future = pool.submit(_blocking_call, seconds)
+                future.add_done_callback(partial(_record_latency, latencies, submitted))
+                futures.append(future)
+                time.sleep(0.001)
+            for future in futures:
+                future.result()
+            tail = perf_counter() - start
+        latencies.sort()
+        figures[f"{schedule}_p99_ms"] = _percentile_f(latencies, 0.99) * 1000
+        figures[f"{schedule}_tail_s"] = tail
+    return figures
+
+
+def _portal_pool(contender: Contender, **options: Any) -> PortalPool[Any]:
+    return PortalPool(
+        WORKERS,
+        backend=contender.backend or "asyncio",
+        backend_options=contender.backend_options,
+        **options,
+    )
+
+
+def _record_latency(latencies: list[float], submitted: float, _: Future[Any]) -> None:
+    latencies.append(perf_counter() - submitted)
+
+
+def _percentile_f(ordered: list[float], fraction: float) -> float:
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def bench_limits(contender: Contender, counts: Counts) -> Figures | None:
+    """What max_concurrency and max_pending cost: submit throughput with each set high
+    enough never to bind, against the unlimited pool, in alternating rounds."""
+    if not contender.is_portal_pool:
+        return None
+    settings: dict[str, dict[str, int]] = {
+        "unlimited": {},
+        "max_concurrency": {"max_concurrency": 1_000},
+        "max_pending": {"max_pending": 2 * counts.noops},
+    }
+    best: dict[str, float] = {}
+    pools = {name: _portal_pool(contender, **limits) for name, limits in settings.items()}
+    try:
+        for pool in pools.values():
+            submit_all(pool, noop, counts.warmup)
+        for _ in range(counts.repeats):
+            for name, pool in pools.items():
+                _settled()
+                seconds = submit_all(pool, noop, counts.noops)
+                best[name] = min(best.get(name, seconds), seconds)
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+    unlimited = counts.noops / best["unlimited"]
+    return {
+        "unlimited_items_per_s": unlimited,
+        "max_concurrency_ratio": counts.noops / best["max_concurrency"] / unlimited,
+        "max_pending_ratio": counts.noops / best["max_pending"] / unlimited,
+    }
+
+
 Case = Callable[[Contender, Counts], Figures | None]
 
 #: name -> (what it measures, function), in the order they run
@@ -267,4 +359,6 @@ CASES: dict[str, tuple[str, Case]] = {
     "sleepers": ("sleepers wall time", bench_sleepers),
     "scaling": ("2-vs-1 worker scaling", bench_scaling),
     "rss": ("bounded map peak RSS", bench_rss),
+    "skew": ("least_loaded vs round_robin on a skewed load", bench_skew),
+    "limits": ("cost of max_concurrency and max_pending", bench_limits),
 }
