@@ -519,8 +519,8 @@ def render(
         f"{counts.repeats} alternating rounds; in brackets, the same hashing on 2 vs 1 plain "
         "threads in the same rounds, i.e. what the machine allowed at that moment. RSS: a fresh "
         "subprocess per backend, VmHWM after minus before iterating the map without keeping "
-        f"results. ² {counts.skew_tasks:,} sync tasks arriving one per millisecond, each "
-        "blocking its loop for 0.5 ms or (a seeded random 10%) 50 ms. Limits: set high "
+        f"results. ² {counts.skew_tasks:,} sync tasks arriving one per 2 ms, each "
+        "blocking its loop for 0.2 ms or (a seeded random 10%) 20 ms. Limits: set high "
         "enough never to bind, so the row is their bookkeeping cost alone.",
     ]
     if problems:

@@ -25,7 +25,11 @@ class PendingLimit:
         self.limit = limit
         self._count = 0
         self._closed = False
-        self._condition = threading.Condition(threading.Lock())
+        # The plain lock serves the fast paths; the condition over it only blocked
+        # submitters, counted so release() skips notify() when nobody waits.
+        self._lock = threading.Lock()
+        self._condition = threading.Condition(self._lock)
+        self._blocked = 0
         # Async waiters, oldest first; a deque so release() can hand room out in order.
         self._async_waiters: deque[tuple[EventLoopToken, anyio.Event]] = deque()
 
@@ -38,9 +42,16 @@ class PendingLimit:
 
         :raises RuntimeError: once the pool is shut down
         """
-        with self._condition:
-            while self._count >= self.limit and not self._closed:
-                self._condition.wait()
+        with self._lock:
+            if self._count < self.limit and not self._closed:
+                self._count += 1
+                return
+            self._blocked += 1
+            try:
+                while self._count >= self.limit and not self._closed:
+                    self._condition.wait()
+            finally:
+                self._blocked -= 1
             if self._closed:
                 raise RuntimeError(SHUTDOWN_MESSAGE)
             self._count += 1
@@ -54,7 +65,7 @@ class PendingLimit:
         :raises RuntimeError: once the pool is shut down
         """
         while True:
-            with self._condition:
+            with self._lock:
                 if self._closed:
                     raise RuntimeError(SHUTDOWN_MESSAGE)
                 if self._count < self.limit:
@@ -65,7 +76,7 @@ class PendingLimit:
             try:
                 await waiter[1].wait()
             except BaseException:
-                with self._condition:
+                with self._lock:
                     if waiter in self._async_waiters:
                         self._async_waiters.remove(waiter)
                     else:
@@ -73,13 +84,15 @@ class PendingLimit:
                 raise
 
     def release(self) -> None:
-        with self._condition:
+        with self._lock:
             self._count -= 1
-            self._condition.notify()
-            self._wake_one_async()
+            if self._blocked:
+                self._condition.notify()
+            if self._async_waiters:
+                self._wake_one_async()
 
     def close(self) -> None:
-        with self._condition:
+        with self._lock:
             self._closed = True
             self._condition.notify_all()
             waiters, self._async_waiters = self._async_waiters, deque()
@@ -87,7 +100,7 @@ class PendingLimit:
             call_soon_or_drop(token, event.set)
 
     def _wake_one_async(self) -> None:
-        # Called with the condition held. A woken waiter re-checks the count, so waking
+        # Called with the lock held. A woken waiter re-checks the count, so waking
         # one per release is enough and never loses room.
         if self._async_waiters:
             token, event = self._async_waiters.popleft()
