@@ -36,7 +36,7 @@ from ._iteration import (
     unordered_results_async,
 )
 from ._runtime import run_chunk_asyncio, run_chunk_trio
-from ._scheduler import Scheduler, make_scheduler
+from ._scheduler import RoundRobin, Scheduler, make_scheduler
 from ._statistics import PoolStatistics
 from ._tokens import wait_future
 from ._watchdog import StallWatchdog
@@ -110,6 +110,8 @@ class PortalPool(Executor, Generic[C]):
         self._backend = backend
         self._run_chunk = run_chunk_trio if backend == "trio" else run_chunk_asyncio
         self._scheduler = make_scheduler(schedule)
+        self._round_robin = type(self._scheduler) is RoundRobin
+        self._next_index = 0
         self._pending_limit = None if max_pending is None else PendingLimit(max_pending)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
@@ -170,6 +172,12 @@ class PortalPool(Executor, Generic[C]):
         return self._backend
 
     def _next_worker(self) -> Worker[C]:
+        if self._round_robin:
+            # The default policy, inlined: three Python calls fewer on every submit.
+            # As in RoundRobin, a race between submitters costs fairness, not safety.
+            index = self._next_index % len(self._workers)
+            self._next_index = index + 1
+            return self._workers[index]
         index = self._scheduler.choose(self._loads)
         if not 0 <= index < len(self._workers):
             raise ValueError(
