@@ -320,17 +320,19 @@ def _percentile_f(ordered: list[float], fraction: float) -> float:
 
 
 def bench_limits(contender: Contender, counts: Counts) -> Figures | None:
-    """What max_concurrency and max_pending cost: submit throughput with each set high
-    enough never to bind, against the unlimited pool, in alternating rounds."""
+    """What max_concurrency, max_pending and the stall watchdog cost: submit throughput
+    with each limit set high enough never to bind (and no stall to report), against the
+    plain pool, in alternating rounds."""
     if not contender.is_portal_pool:
         return None
-    settings: dict[str, dict[str, int]] = {
+    settings: dict[str, dict[str, float]] = {
         "unlimited": {},
         "max_concurrency": {"max_concurrency": 1_000},
         "max_pending": {"max_pending": 2 * counts.noops},
+        "watchdog": {"stall_timeout": 0.2},
     }
     best: dict[str, float] = {}
-    pools = {name: _portal_pool(contender, **limits) for name, limits in settings.items()}
+    pools = {name: _portal_pool(contender, **extra) for name, extra in settings.items()}
     try:
         for pool in pools.values():
             submit_all(pool, noop, counts.warmup)
@@ -348,6 +350,7 @@ def bench_limits(contender: Contender, counts: Counts) -> Figures | None:
         "unlimited_items_per_s": unlimited,
         "max_concurrency_ratio": counts.noops / best["max_concurrency"] / unlimited,
         "max_pending_ratio": counts.noops / best["max_pending"] / unlimited,
+        "watchdog_ratio": counts.noops / best["watchdog"] / unlimited,
     }
 
 

@@ -464,6 +464,14 @@ def render(
             "max_pending_ratio",
             TIMES,
         ),
+        _row(
+            f"submit throughput with the stall watchdog (`stall_timeout=0.2`), {TIMES} without",
+            contenders,
+            results,
+            "limits",
+            "watchdog_ratio",
+            TIMES,
+        ),
     ]
     packages = machine["packages"]
     lines = [
