@@ -327,7 +327,8 @@ class PortalPool(Executor, Generic[C]):
             return ordered_results(
                 Window(arguments, buffersize), self._item_submitter(fn), end_time, False
             )
-        run_chunk, pool_ref = self._run_chunk, weakref.ref(self)
+        run_chunk = self._run_chunk
+        pool_ref: weakref.ref[PortalPool[Any]] = weakref.ref(self)
 
         def submit_chunk(chunk: tuple[tuple[Any, ...], ...]) -> Future[Any]:
             return _alive(pool_ref).submit(run_chunk, fn, chunk)
@@ -381,7 +382,7 @@ class PortalPool(Executor, Generic[C]):
     def _item_submitter(self, fn: Callable[..., Any]) -> Callable[[Any], Future[Any]]:
         # A weak reference, as in Executor.map: an abandoned iterator must not keep the
         # pool alive.
-        pool_ref = weakref.ref(self)
+        pool_ref: weakref.ref[PortalPool[Any]] = weakref.ref(self)
 
         def submit_item(args: tuple[Any, ...]) -> Future[Any]:
             return _alive(pool_ref).submit(fn, *args)
@@ -391,7 +392,7 @@ class PortalPool(Executor, Generic[C]):
     def _item_submitter_async(
         self, fn: Callable[..., Any]
     ) -> Callable[[Any], Awaitable[Future[Any]]]:
-        pool_ref = weakref.ref(self)
+        pool_ref: weakref.ref[PortalPool[Any]] = weakref.ref(self)
 
         async def submit_item(args: tuple[Any, ...]) -> Future[Any]:
             pool = _alive(pool_ref)

@@ -28,9 +28,11 @@ class Host(Protocol):
 
     def _requeue(self, future: TaskFuture[Any]) -> None:
         """Take back work that a dying loop never started."""
+        ...
 
     def _task_ended(self) -> None:
         """A started task is over: its concurrency slot is free."""
+        ...
 
 
 class Runtime(Protocol):
@@ -39,21 +41,27 @@ class Runtime(Protocol):
     @property
     def accepting(self) -> bool:
         """False once the container is closing: a dying loop must not take new work."""
+        ...
 
     async def serve(self, on_ready: Callable[[], object]) -> None:
         """Open the task container, call ``on_ready``, run until stopped and joined."""
+        ...
 
     def start(self, future: TaskFuture[Any]) -> None:
-        """Start the future's call as a task; the future is already ``RUNNING``."""
+        """Spawn a task for the future; it turns ``RUNNING`` at the task's first step."""
+        ...
 
     def request_stop(self, cancel: bool) -> None:
         """Let :meth:`serve` return once its tasks are done; ``cancel`` cancels them."""
+        ...
 
     def unfinished(self) -> list[TaskFuture[Any]]:
         """Futures of tasks started here and not yet settled (after a loop died)."""
+        ...
 
     def never_started(self) -> list[TaskFuture[Any]]:
         """Futures whose task was spawned but never ran (after a loop died)."""
+        ...
 
 
 class AsyncioRuntime:

@@ -185,9 +185,15 @@ class Worker(Generic[C_co]):
         return self._submit_admitted(fn, args, kwargs)
 
     def _submit_admitted(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        on_task_exit: Callable[[], object] | None = None,
     ) -> TaskFuture[Any]:
+        """Queue work that already holds its ``max_pending`` room (given back on failure)."""
         future: TaskFuture[Any] = TaskFuture(self, fn, args, kwargs)
+        future._on_task_exit = on_task_exit
         try:
             self._enqueue(future)
         except BaseException:
@@ -246,14 +252,7 @@ class Worker(Generic[C_co]):
             call_soon_or_drop(caller, exited.set)
 
         await self._admit_async()
-        future: TaskFuture[Any] = TaskFuture(self, fn, args, kwargs)
-        future._on_task_exit = wake_caller
-        try:
-            self._enqueue(future)
-        except BaseException:
-            if self._pending_limit is not None:
-                self._pending_limit.release()
-            raise
+        future = self._submit_admitted(fn, args, kwargs, on_task_exit=wake_caller)
         try:
             await exited.wait()
         except BaseException:

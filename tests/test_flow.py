@@ -25,6 +25,8 @@ from portal_pool import (
     current_worker,
 )
 
+from .faults import kill_current_loop
+
 MakePool = Callable[..., PortalPool[Any]]
 
 SHUTDOWN_MESSAGE = "cannot schedule new futures after shutdown"
@@ -1035,21 +1037,6 @@ def test_stats_count_running_async_tasks(make_pool: MakePool) -> None:
         release.set()
     for future in futures:
         future.result(timeout=10)
-
-
-def kill_current_loop() -> None:
-    """Fault injection: make the calling worker's event loop itself fail."""
-    if current_worker()._backend == "trio":
-        import trio
-
-        def explode() -> None:
-            raise RuntimeError("injected loop failure")
-
-        trio.lowlevel.current_trio_token().run_sync_soon(explode)
-    else:
-        import asyncio
-
-        asyncio.get_running_loop().stop()
 
 
 def test_stats_count_restarts(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:

@@ -14,23 +14,9 @@ import pytest
 
 from portal_pool import BrokenPortalPool, PortalPool, current_worker
 
+from .faults import kill_current_loop
+
 MakePool = Callable[..., PortalPool[Any]]
-
-
-def kill_current_loop() -> None:
-    """Fault injection: make the calling worker's event loop itself fail."""
-    if current_worker()._backend == "trio":
-        import trio
-
-        def explode() -> None:
-            raise RuntimeError("injected loop failure")
-
-        # trio treats an exception in a run_sync_soon callback as fatal to the run.
-        trio.lowlevel.current_trio_token().run_sync_soon(explode)
-    else:
-        import asyncio
-
-        asyncio.get_running_loop().stop()  # run_until_complete then raises
 
 
 class RecordEvents(logging.Handler):
