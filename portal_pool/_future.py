@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from _thread import LockType, allocate_lock
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import (  # the states are not re-exported publicly
@@ -12,7 +14,7 @@ from concurrent.futures._base import (  # the states are not re-exported publicl
     RUNNING,
 )
 from contextlib import suppress
-from threading import get_ident
+from threading import RLock, get_ident
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -21,6 +23,60 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 __all__ = ["CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED", "PENDING", "RUNNING", "TaskFuture"]
+
+
+class _FutureCondition:
+    """The part of ``threading.Condition`` that ``Future`` uses, in one slotted object.
+
+    Same algorithm as the stdlib's: each waiter parks on a lock of its own, released by
+    ``notify_all``; the waiting itself stays interruptible by Ctrl-C.
+    """
+
+    __slots__ = ("_lock", "_parked")
+
+    def __init__(self) -> None:
+        self._lock = RLock()
+        self._parked: deque[LockType] | None = None
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._lock.__exit__(*exc_info)
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        waiter = allocate_lock()
+        waiter.acquire()
+        if self._parked is None:
+            self._parked = deque()
+        self._parked.append(waiter)
+        saved = self._lock._release_save()  # type: ignore[attr-defined]
+        notified = False
+        try:
+            if timeout is None:
+                notified = bool(waiter.acquire())
+            elif timeout > 0:
+                notified = bool(waiter.acquire(True, timeout))
+            else:
+                notified = bool(waiter.acquire(False))
+            return notified
+        finally:
+            self._lock._acquire_restore(saved)  # type: ignore[attr-defined]
+            if not notified and self._parked is not None:
+                with suppress(ValueError):  # notify_all took it meanwhile
+                    self._parked.remove(waiter)
+
+    def notify_all(self) -> None:
+        parked, self._parked = self._parked, None
+        if parked:
+            for waiter in parked:
+                waiter.release()
 
 
 class TaskFuture(Future[T]):
@@ -50,7 +106,16 @@ class TaskFuture(Future[T]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        super().__init__()
+        # Future.__init__, field for field (the same on 3.10 to 3.14; a test compares
+        # them), with a slimmer condition: threading.Condition builds five bound methods,
+        # a dict and a deque per instance, and at tens of thousands of live futures that
+        # garbage is what the cyclic collector spends its time on.
+        self._condition = _FutureCondition()  # type: ignore[assignment]
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Future[T]], object]] = []
         self._worker = worker
         self._call = (fn, args, kwargs)
         self._canceller = None

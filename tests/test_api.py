@@ -28,3 +28,38 @@ def test_ships_py_typed() -> None:
     from importlib.resources import files
 
     assert files("portal_pool").joinpath("py.typed").is_file()
+
+
+def test_task_future_sets_every_field_future_init_sets() -> None:
+    # TaskFuture mirrors Future.__init__ field for field with a slimmer condition; a
+    # Python release that adds a field there must fail here, not in production.
+    from concurrent.futures import Future
+
+    from portal_pool._future import TaskFuture
+
+    base = set(vars(Future()))
+    ours = set(vars(TaskFuture(None, print, (), {})))  # type: ignore[arg-type]
+    assert base <= ours
+
+
+def test_task_future_works_with_the_stdlib_helpers() -> None:
+    import asyncio
+    import threading
+    from concurrent.futures import FIRST_COMPLETED, as_completed, wait
+
+    from portal_pool import PortalPool
+
+    with PortalPool(1) as pool:
+        gate = threading.Event()
+        slow = pool.submit(asyncio.to_thread, gate.wait, 10)
+        fast = pool.submit(lambda: "fast")
+        done, not_done = wait([slow, fast], timeout=10, return_when=FIRST_COMPLETED)
+        assert fast in done
+        assert slow in not_done
+        gate.set()
+        assert set(as_completed([slow, fast], timeout=10)) == {slow, fast}
+
+        async def wrapped() -> str:
+            return await asyncio.wrap_future(pool.submit(lambda: "wrapped"))
+
+        assert asyncio.run(wrapped()) == "wrapped"
