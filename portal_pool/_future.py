@@ -15,7 +15,7 @@ from concurrent.futures._base import (  # the states are not re-exported publicl
 )
 from contextlib import suppress
 from threading import RLock, get_ident
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from ._worker import Worker
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 __all__ = ["CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED", "PENDING", "RUNNING", "TaskFuture"]
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> object: ...
 
 
 class _FutureCondition:
@@ -53,9 +57,10 @@ class _FutureCondition:
     def wait(self, timeout: float | None = None) -> bool:
         waiter = allocate_lock()
         waiter.acquire()
-        if self._parked is None:
-            self._parked = deque()
-        self._parked.append(waiter)
+        parked = self._parked
+        if parked is None:
+            parked = self._parked = deque()
+        parked.append(waiter)
         saved = self._lock._release_save()  # type: ignore[attr-defined]
         notified = False
         try:
@@ -68,9 +73,11 @@ class _FutureCondition:
             return notified
         finally:
             self._lock._acquire_restore(saved)  # type: ignore[attr-defined]
-            if not notified and self._parked is not None:
-                with suppress(ValueError):  # notify_all took it meanwhile
-                    self._parked.remove(waiter)
+            if not notified:
+                # Timed out. If notify_all took this deque meanwhile, it is done with it
+                # (it runs under the lock we just got back), so removing is harmless.
+                with suppress(ValueError):
+                    parked.remove(waiter)
 
     def notify_all(self) -> None:
         parked, self._parked = self._parked, None
@@ -95,7 +102,10 @@ class TaskFuture(Future[T]):
 
     # The call waiting to run, then the in-loop canceller of the running task.
     _call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None
-    _canceller: Callable[[], object] | None
+    # The running task's handle in its loop: an asyncio Task or a trio CancelScope. The
+    # object itself, not its bound cancel method, which would be one more allocation per
+    # task on the hot path.
+    _canceller: _Cancellable | None
     # Called once, when the task has fully exited or will never run (see run_async).
     _on_task_exit: Callable[[], object] | None
 
@@ -143,9 +153,7 @@ class TaskFuture(Future[T]):
                 self._started = True
                 return True
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                # cancel() has already notified the waiters.
-                self._call = None
-                return False
+                return False  # cancel() has notified the waiters and dropped the call
             raise RuntimeError(f"future in unexpected state {self._state}")
 
     def result(self, timeout: float | None = None) -> T:

@@ -26,7 +26,7 @@ import anyio
 
 from ._backends import check_backend
 from ._exceptions import BrokenPortalPool
-from ._flow import PendingLimit
+from ._flow import SHUTDOWN_MESSAGE, PendingLimit
 from ._iteration import (
     Window,
     batched,
@@ -234,8 +234,7 @@ class PortalPool(Executor, Generic[C]):
         :raises TypeError: if ``fn`` is not callable, or is a coroutine object
         :raises RuntimeError: after shutdown
         """
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+        self._check_open()
         return self._next_worker().submit(fn, *args, **kwargs)
 
     @overload
@@ -271,8 +270,7 @@ class PortalPool(Executor, Generic[C]):
 
         :raises RuntimeError: after shutdown
         """
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+        self._check_open()
         return await self._next_worker().run_async(fn, *args, **kwargs)
 
     @overload
@@ -344,10 +342,7 @@ class PortalPool(Executor, Generic[C]):
         :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
         :raises ValueError: for ``buffersize < 1``
         """
-        check_callable(fn)
-        _check_buffersize(buffersize)
-        window = Window(zip(*iterables), buffersize)  # noqa: B905
-        return unordered_results(window, self._item_submitter(fn))
+        return unordered_results(_item_window(fn, iterables, buffersize), self._item_submitter(fn))
 
     def map_async(
         self, fn: Callable[..., Any], *iterables: Iterable[Any], buffersize: int | None = None
@@ -361,9 +356,7 @@ class PortalPool(Executor, Generic[C]):
         :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
         :raises ValueError: for ``buffersize < 1``
         """
-        check_callable(fn)
-        _check_buffersize(buffersize)
-        window = Window(zip(*iterables), buffersize)  # noqa: B905
+        window = _item_window(fn, iterables, buffersize)
         return ordered_results_async(window, self._item_submitter_async(fn))
 
     def map_unordered_async(
@@ -374,9 +367,7 @@ class PortalPool(Executor, Generic[C]):
         :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
         :raises ValueError: for ``buffersize < 1``
         """
-        check_callable(fn)
-        _check_buffersize(buffersize)
-        window = Window(zip(*iterables), buffersize)  # noqa: B905
+        window = _item_window(fn, iterables, buffersize)
         return unordered_results_async(window, self._item_submitter_async(fn))
 
     def _item_submitter(self, fn: Callable[..., Any]) -> Callable[[Any], Future[Any]]:
@@ -396,8 +387,7 @@ class PortalPool(Executor, Generic[C]):
 
         async def submit_item(args: tuple[Any, ...]) -> Future[Any]:
             pool = _alive(pool_ref)
-            if pool._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            pool._check_open()
             worker = pool._next_worker()
             await worker._admit_async()
             return worker._submit_admitted(fn, args, {})
@@ -418,13 +408,9 @@ class PortalPool(Executor, Generic[C]):
         """
         if wait:
             self._check_not_in_own_loop("shutdown(wait=True)")
-        with self._shutdown_lock:
-            self._shutdown = True
-        _close(self._workers, self._pending_limit, self._watchdog, cancel=cancel_futures)
+        self._begin_shutdown(cancel_futures)
         if wait:
-            _join_workers(self._workers)
-            if self._watchdog is not None:
-                self._watchdog.stop(wait=True)
+            self._join()
 
     def __exit__(
         self,
@@ -445,9 +431,7 @@ class PortalPool(Executor, Generic[C]):
         exc_tb: TracebackType | None,
     ) -> None:
         self._check_not_in_own_loop("leaving 'async with'")
-        with self._shutdown_lock:
-            self._shutdown = True
-        _close(self._workers, self._pending_limit, self._watchdog, cancel=exc_type is not None)
+        self._begin_shutdown(exc_type is not None)
         try:
             for worker in self._workers:
                 await wait_future(worker._exited)
@@ -458,9 +442,21 @@ class PortalPool(Executor, Generic[C]):
                     await wait_future(worker._exited)
             raise
         finally:
-            _join_workers(self._workers)
-            if self._watchdog is not None:
-                self._watchdog.stop(wait=True)
+            self._join()
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError(SHUTDOWN_MESSAGE)
+
+    def _begin_shutdown(self, cancel: bool) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+        _close(self._workers, self._pending_limit, self._watchdog, cancel=cancel)
+
+    def _join(self) -> None:
+        _join_workers(self._workers)
+        if self._watchdog is not None:
+            self._watchdog.stop(wait=True)
 
     def _check_not_in_own_loop(self, what: str) -> None:
         for worker in self._workers:
@@ -492,6 +488,15 @@ def _alive(pool_ref: weakref.ref[PortalPool[Any]]) -> PortalPool[Any]:
     if pool is None:
         raise RuntimeError("cannot schedule new futures after the pool was garbage-collected")
     return pool
+
+
+def _item_window(
+    fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], buffersize: int | None
+) -> Window:
+    """Check a map's arguments; its input as one unit of work per item."""
+    check_callable(fn)
+    _check_buffersize(buffersize)
+    return Window(zip(*iterables), buffersize)  # noqa: B905 - stops at the shortest input
 
 
 def _check_buffersize(buffersize: int | None) -> None:

@@ -99,7 +99,7 @@ class AsyncioRuntime:
 
     def start(self, future: TaskFuture[Any]) -> None:
         task = self._loop.create_task(self._run(future))
-        future._canceller = task.cancel
+        future._canceller = task
         self._tasks[future] = task
 
     def request_stop(self, cancel: bool) -> None:
@@ -205,7 +205,7 @@ class TrioRuntime:
         # The scope exists before the task starts, so a cancel that arrives between
         # spawn and first step is not lost: entering a cancelled scope raises at once.
         scope = self._trio.CancelScope()
-        future._canceller = scope.cancel
+        future._canceller = scope
         self._nursery.start_soon(self._call, future, scope)
 
     def request_stop(self, cancel: bool) -> None:

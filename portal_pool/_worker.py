@@ -20,7 +20,7 @@ from anyio.from_thread import BlockingPortal
 from anyio.lowlevel import EventLoopToken, current_token
 
 from ._exceptions import BrokenPortalPool
-from ._flow import PendingLimit
+from ._flow import SHUTDOWN_MESSAGE, PendingLimit
 from ._future import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, TaskFuture
 from ._runtime import Runtime, make_runtime
 from ._statistics import WorkerStatistics
@@ -272,7 +272,7 @@ class Worker(Generic[C_co]):
             if self._closed:
                 if self._stop_request is None:
                     raise BrokenPortalPool(f"worker {self._index}'s event loop has stopped")
-                raise RuntimeError("cannot schedule new futures after shutdown")
+                raise RuntimeError(SHUTDOWN_MESSAGE)
             self._inbox.append(future)
             self._submitted += 1
             if self._wake_pending:
@@ -603,7 +603,7 @@ def _block_process_signals() -> None:
 def _cancel_in_loop(future: TaskFuture[Any]) -> None:
     canceller = future._canceller
     if canceller is not None:
-        canceller()
+        canceller.cancel()
 
 
 def _check_not_in_pool_loop(limit: PendingLimit) -> None:
