@@ -23,13 +23,13 @@ DELAY = 0.3
 TASKS_PER_WORKER = 5
 
 
-def run_program(*args: str) -> subprocess.CompletedProcess[str]:
+def run_program(*args: str, timeout: float = PROGRAM_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run ``python -W error ARGS`` from the repository root and capture its output."""
     return subprocess.run(
         [sys.executable, "-W", "error", *args],
         capture_output=True,
         text=True,
-        timeout=PROGRAM_TIMEOUT,
+        timeout=timeout,
         cwd=ROOT,
         check=False,
     )

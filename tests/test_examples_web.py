@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -18,22 +17,10 @@ from typing import Any
 
 import pytest
 
-from .test_examples import EXAMPLES, ROOT, succeeded
+from .test_examples import EXAMPLES, run_program, succeeded
 
 # 2,000 requests through Python on both ends take a few seconds; more on a busy machine.
 PROGRAM_TIMEOUT = 180
-
-
-def run_program(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``python -W error ARGS`` from the repository root and capture its output."""
-    return subprocess.run(
-        [sys.executable, "-W", "error", *args],
-        capture_output=True,
-        text=True,
-        timeout=PROGRAM_TIMEOUT,
-        cwd=ROOT,
-        check=False,
-    )
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -66,6 +53,7 @@ def test_http_fanout_example(web_backend: str) -> None:
         web_backend,
         "--workers",
         "2",
+        timeout=PROGRAM_TIMEOUT,
     )
     lines = succeeded(result).splitlines()
     assert re.fullmatch(
@@ -160,7 +148,9 @@ def test_flask_app_owns_its_pool(flask_app_module: ModuleType, flask_app: Any) -
 
 def test_flask_example_program(web_backend: str) -> None:
     pytest.importorskip("flask")
-    result = run_program(str(EXAMPLES / "flask_app.py"), "--backend", web_backend)
+    result = run_program(
+        str(EXAMPLES / "flask_app.py"), "--backend", web_backend, timeout=PROGRAM_TIMEOUT
+    )
     lines = succeeded(result).splitlines()
     assert lines[0] == f"backend: {web_backend}, 2 workers, upstream latency 0.2 s"
     assert "GET /weather?cities=paris,atlantis -> 404 {'unknown': ['atlantis']}" in lines

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, wait
 from contextlib import aclosing, closing
 from typing import Any
@@ -28,6 +28,28 @@ from portal_pool import (
 from .faults import kill_current_loop
 
 MakePool = Callable[..., PortalPool[Any]]
+
+
+def hanging_items() -> tuple[
+    threading.Semaphore, threading.Semaphore, Callable[[int], Awaitable[int]]
+]:
+    """Item 0 returns at once; every other item says it entered, then waits until it is
+    cancelled and says it cleaned up."""
+    entered = threading.Semaphore(0)
+    cleaned_up = threading.Semaphore(0)
+
+    async def item(n: int) -> int:
+        if n == 0:
+            return 0
+        entered.release()
+        try:
+            await anyio.sleep(3600)
+        finally:
+            cleaned_up.release()
+        return n
+
+    return entered, cleaned_up, item
+
 
 SHUTDOWN_MESSAGE = "cannot schedule new futures after shutdown"
 
@@ -726,18 +748,7 @@ def test_map_unordered_bounded_window_reads_input_lazily(make_pool: MakePool) ->
 
 def test_map_unordered_leaving_early_cancels_outstanding(make_pool: MakePool) -> None:
     pool = make_pool(2)
-    entered = threading.Semaphore(0)
-    cleaned_up = threading.Semaphore(0)
-
-    async def item(n: int) -> int:
-        if n == 0:
-            return 0
-        entered.release()
-        try:
-            await anyio.sleep(3600)
-        finally:
-            cleaned_up.release()
-        return n
+    entered, cleaned_up, item = hanging_items()
 
     with closing(pool.map_unordered(item, range(5))) as results:
         for value in results:
@@ -853,18 +864,7 @@ async def test_breaking_out_of_an_async_map_cancels_the_rest(
     make_pool: MakePool, ordered: bool
 ) -> None:
     pool = make_pool(2)
-    entered = threading.Semaphore(0)
-    cleaned_up = threading.Semaphore(0)
-
-    async def item(n: int) -> int:
-        if n == 0:
-            return 0
-        entered.release()
-        try:
-            await anyio.sleep(3600)
-        finally:
-            cleaned_up.release()
-        return n
+    entered, cleaned_up, item = hanging_items()
 
     mapper = pool.map_async if ordered else pool.map_unordered_async
     with anyio.fail_after(10):
