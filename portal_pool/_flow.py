@@ -8,6 +8,7 @@ from collections import deque
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
 
+from ._signals import SIGNAL_CHECK_INTERVAL
 from ._tokens import call_soon_or_drop
 
 SHUTDOWN_MESSAGE = "cannot schedule new futures after shutdown"
@@ -49,7 +50,7 @@ class PendingLimit:
             self._blocked += 1
             try:
                 while self._count >= self.limit and not self._closed:
-                    self._condition.wait()
+                    self._condition.wait(SIGNAL_CHECK_INTERVAL)  # see _signals
             finally:
                 self._blocked -= 1
             if self._closed:

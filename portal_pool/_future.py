@@ -17,6 +17,8 @@ from contextlib import suppress
 from threading import RLock, get_ident
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from ._signals import wait_in_slices
+
 if TYPE_CHECKING:
     from ._worker import Worker
 
@@ -65,7 +67,8 @@ class _FutureCondition:
         notified = False
         try:
             if timeout is None:
-                notified = bool(waiter.acquire())
+                wait_in_slices(lambda seconds: bool(waiter.acquire(True, seconds)))
+                notified = True
             elif timeout > 0:
                 notified = bool(waiter.acquire(True, timeout))
             else:

@@ -20,6 +20,7 @@ import anyio
 from anyio.lowlevel import current_token
 
 from ._runtime import Outcome
+from ._signals import SIGNAL_CHECK_INTERVAL
 from ._tokens import call_soon_or_drop, wait_future
 
 T = TypeVar("T")
@@ -80,8 +81,7 @@ def _ordered(
 
 def unordered_results(window: Window, submit: SubmitUnit) -> Iterator[Any]:
     """Results in completion order; the first window is submitted now."""
-    # A SimpleQueue: done callbacks run in worker threads, and its get() is
-    # interruptible, so Ctrl-C reaches a consumer waiting here.
+    # A SimpleQueue: done callbacks run in worker threads and only put into it.
     finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
     outstanding: set[Future[Any]] = set()
 
@@ -108,7 +108,7 @@ def _unordered(
 ) -> Iterator[Any]:
     try:
         while outstanding:
-            taken = [finished.get()]  # a list, so the future is not a local at the yield
+            taken = [_next_finished(finished)]  # a list: no future is a local at the yield
             outstanding.discard(taken[0])
             unit = window.next_unit()
             if unit is not None:
@@ -167,6 +167,15 @@ async def unordered_results_async(window: Window, submit: SubmitUnitAsync) -> As
     finally:
         for future in outstanding:
             future.cancel()
+
+
+def _next_finished(finished: queue.SimpleQueue[Future[Any]]) -> Future[Any]:
+    """The next finished future, waiting in slices so Ctrl-C gets through (see _signals)."""
+    while True:
+        try:
+            return finished.get(timeout=SIGNAL_CHECK_INTERVAL)
+        except queue.Empty:
+            continue
 
 
 def result_or_cancel(future: Future[Any], end_time: float | None) -> Any:

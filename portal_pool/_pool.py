@@ -17,8 +17,9 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from contextlib import AbstractAsyncContextManager, suppress
+from functools import partial
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -37,6 +38,7 @@ from ._iteration import (
 )
 from ._runtime import run_chunk_asyncio, run_chunk_trio
 from ._scheduler import RoundRobin, Scheduler, make_scheduler
+from ._signals import wait_in_slices
 from ._statistics import PoolStatistics
 from ._tokens import wait_future
 from ._watchdog import StallWatchdog
@@ -148,6 +150,7 @@ class PortalPool(Executor, Generic[C]):
                 _live_workers.add(worker)
                 worker._start()
             for worker in self._workers:
+                wait_in_slices(partial(_resolved, worker._ready))
                 worker._ready.result()
         except BaseException as exc:
             # Ctrl-C during startup, or a worker that could not start: leave nothing.
@@ -532,7 +535,7 @@ def _join_workers(workers: Iterable[Worker[Any]]) -> None:
     pending = [worker for worker in workers if worker._thread.ident is not None]
     while pending:
         try:
-            pending[0]._thread.join()
+            wait_in_slices(partial(_joined, pending[0]._thread))
         except BaseException as exc:
             if interrupted is not None:
                 raise  # a second Ctrl-C: the user insists, stop waiting
@@ -543,6 +546,15 @@ def _join_workers(workers: Iterable[Worker[Any]]) -> None:
         _live_workers.discard(pending.pop(0))
     if interrupted is not None:
         raise interrupted
+
+
+def _resolved(future: Future[Any], seconds: float) -> bool:
+    return bool(wait((future,), seconds).done)
+
+
+def _joined(thread: threading.Thread, seconds: float) -> bool:
+    thread.join(seconds)
+    return not thread.is_alive()
 
 
 def _at_interpreter_exit() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from ._exceptions import BrokenPortalPool
 from ._flow import SHUTDOWN_MESSAGE, PendingLimit
 from ._future import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, TaskFuture
 from ._runtime import Runtime, make_runtime
+from ._signals import block_process_signals
 from ._statistics import WorkerStatistics
 from ._tokens import call_soon_or_drop
 
@@ -428,7 +428,7 @@ class Worker(Generic[C_co]):
         self._runtime.request_stop(cancel)
 
     def _thread_main(self) -> None:
-        _block_process_signals()
+        block_process_signals()
         self._thread_ident = threading.get_ident()
         _thread_state.worker = self
         try:
@@ -567,37 +567,6 @@ class Worker(Generic[C_co]):
             self._wake_pending = False
         for future in batch:
             future._settle_broken(exc)
-
-
-# Signals that are about the process, not about the code a thread runs.
-_PROCESS_SIGNALS = {
-    getattr(signal, name)
-    for name in (
-        "SIGINT",
-        "SIGTERM",
-        "SIGHUP",
-        "SIGQUIT",
-        "SIGUSR1",
-        "SIGUSR2",
-        "SIGALRM",
-        "SIGCHLD",
-        "SIGWINCH",
-        "SIGPIPE",
-    )
-    if hasattr(signal, name)
-}
-
-
-def _block_process_signals() -> None:
-    """Keep process signals off this thread so the kernel delivers them to the main one.
-
-    Python runs signal handlers in the main thread only, but the kernel may deliver a
-    signal to any thread that does not block it. A Ctrl-C that lands on a worker thread
-    sets Python's flag without waking a main thread blocked in ``future.result()``, and
-    Ctrl-C seems ignored until that wait ends. Threads this one starts inherit the mask.
-    """
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, _PROCESS_SIGNALS)
 
 
 def _cancel_in_loop(future: TaskFuture[Any]) -> None:
