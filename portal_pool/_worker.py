@@ -68,9 +68,9 @@ class Worker(Generic[C_co]):
     """One thread, one event loop, one :class:`~anyio.from_thread.BlockingPortal`.
 
     The worker's main task runs inside the portal's task group. Work reaches it through
-    an inbox: :meth:`submit` appends to a deque and wakes the loop through the portal's
-    event-loop token, once per burst rather than once per item, and never waits for the
-    loop. That is why ``submit`` is safe from any thread, including one that runs its own
+    an inbox: :meth:`submit` appends to a deque and wakes the loop (its runtime's
+    ``wake``), once per burst rather than once per item, and never waits for the loop.
+    That is why ``submit`` is safe from any thread, including one that runs its own
     asyncio or trio loop, where anyio's blocking portal calls would hang (trio) or block.
     """
 
@@ -278,7 +278,10 @@ class Worker(Generic[C_co]):
             if self._wake_pending:
                 return
             self._wake_pending = True
-        self._call_soon(self._drain)
+            # None until the loop accepts work; _accept_work drains what came before.
+            runtime = self._runtime
+        if runtime is not None:
+            runtime.wake()
 
     def _request_cancel(self, future: TaskFuture[Any]) -> None:
         self._call_soon(_cancel_in_loop, future)

@@ -1,0 +1,128 @@
+"""How calls run inside a worker's loop: their context, and trio's pooled runner tasks."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import anyio
+
+from portal_pool import PortalPool
+from portal_pool._runtime import PARKED_RUNNERS_MAX
+
+from .conftest import requires_trio
+
+MakePool = Callable[..., PortalPool[Any]]
+
+request_id: ContextVar[str] = ContextVar("request_id", default="unset")
+
+
+async def read_and_set(value: str) -> str:
+    seen = request_id.get()
+    request_id.set(value)
+    await anyio.sleep(0)
+    assert request_id.get() == value  # kept across the call's own steps
+    return seen
+
+
+def test_each_call_starts_in_a_fresh_copy_of_the_worker_context(
+    backend_kwargs: dict[str, Any],
+) -> None:
+    @asynccontextmanager
+    async def per_loop() -> AsyncIterator[None]:
+        request_id.set("from worker_context")
+        yield
+
+    request_id.set("from the submitter")  # not the worker's: calls do not see it
+    with PortalPool(1, worker_context=per_loop, **backend_kwargs) as pool:
+        seen = [pool.run(read_and_set, f"call {n}") for n in range(20)]
+        concurrent = [pool.submit(read_and_set, f"batch {n}") for n in range(20)]
+        seen += [future.result(timeout=10) for future in concurrent]
+    assert seen == ["from worker_context"] * 40
+
+
+def test_a_call_can_wait_for_a_call_submitted_after_it(make_pool: MakePool) -> None:
+    """The call that holds the loop's attention must not stop the next ones arriving."""
+    pool = make_pool(1)
+    worker = pool.workers[0]
+    first_started = threading.Event()
+
+    async def make_event() -> anyio.Event:
+        return anyio.Event()
+
+    later_done = worker.run(make_event)
+
+    async def first() -> str:
+        first_started.set()
+        await later_done.wait()
+        return "first"
+
+    async def later() -> str:
+        later_done.set()
+        return "later"
+
+    for _ in range(3):  # the same hand-over again, once runners have been reused
+        later_done = worker.run(make_event)
+        waiting = worker.submit(first)
+        assert first_started.wait(10)
+        assert worker.submit(later).result(timeout=10) == "later"
+        assert waiting.result(timeout=10) == "first"
+        first_started.clear()
+
+
+def test_a_cancelled_call_leaves_its_worker_serving(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    started = threading.Event()
+
+    async def hang() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    for _ in range(3):
+        future = pool.submit(hang)
+        assert started.wait(10)
+        started.clear()
+        assert future.cancel()
+        assert pool.run(read_and_set, "after") == "unset"
+
+
+@requires_trio
+def test_trio_keeps_a_bounded_number_of_idle_runners() -> None:
+    with PortalPool(1, backend="trio") as pool:
+        worker = pool.workers[0]
+        calls = PARKED_RUNNERS_MAX * 2
+        all_started = threading.Event()
+        started = [0]
+
+        async def make_event() -> anyio.Event:
+            return anyio.Event()
+
+        release = worker.run(make_event)
+
+        async def wait_for_release() -> None:
+            started[0] += 1  # in the loop thread only
+            if started[0] == calls:
+                all_started.set()
+            await release.wait()
+
+        async def release_all() -> None:
+            release.set()
+
+        async def runner_tasks() -> int:
+            import trio
+
+            nursery = trio.lowlevel.current_task().parent_nursery
+            assert nursery is not None
+            return len(nursery.child_tasks)
+
+        futures = [worker.submit(wait_for_release) for _ in range(calls)]
+        assert all_started.wait(10)
+        assert worker.run(runner_tasks) > calls  # one runner per concurrent call
+        worker.run(release_all)
+        for future in futures:
+            future.result(timeout=10)
+        # The parked ones, plus the leader that runs this call.
+        assert worker.run(runner_tasks) <= PARKED_RUNNERS_MAX + 1
