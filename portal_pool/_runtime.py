@@ -345,13 +345,11 @@ class TrioRuntime:
         """Wait for submitters' wake-ups; return the first call of a burst, or ``None``."""
         self._leader = task
         try:
-            while True:
+            while not self._stopping:
                 task.context = self._base.copy()  # the step that wakes us runs the call
                 await self._trio.lowlevel.wait_readable(self._wake_receiver)
                 with suppress(BlockingIOError):
                     self._wake_receiver.recv(4096)
-                if self._stopping:
-                    return None
                 self._keeping = True
                 try:
                     self._host._drain()
@@ -363,6 +361,7 @@ class TrioRuntime:
                     self._leader = None
                     self._appoint_leader()
                     return future
+            return None
         finally:
             if self._leader is task:
                 self._leader = None
