@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,8 @@ from .contenders import AsyncFn, BenchPool, Contender, round_trip
 from .workloads import bare_loops_sleepers, hash_buffer, noop
 
 WORKERS = 2
+#: the latency case's calls are split into this many turns per contender
+LATENCY_TURNS = 20
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Figures = dict[str, Any]
@@ -124,25 +127,64 @@ def _percentile(ordered: list[int], fraction: float) -> int:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
-def bench_latency(contender: Contender, counts: Counts) -> Figures:
-    """Round trips of a no-op, one at a time, after a warm-up."""
-    with contender.opened(WORKERS) as pool:
-        call = round_trip(pool)
-        for _ in range(counts.latency_warmup):
-            call(noop)
+def bench_latency(contenders: list[Contender], counts: Counts) -> dict[str, Figures]:
+    """Round trips of a no-op, one at a time, after a warm-up; twice where possible.
+
+    First with threads where the kernel puts them, as users run them. On a machine with
+    idle cores that figure mostly measures how fast the kernel wakes an idle core, and
+    whether a contender's threads share one core or not changes from run to run. Then,
+    on Linux, with every thread of the contenders on one core: the cost of the round
+    trip's own code, which is stable from run to run.
+    """
+    figures = {key: dict(values) for key, values in _latency_pass(contenders, counts).items()}
+    if hasattr(os, "sched_setaffinity"):
+        allowed = os.sched_getaffinity(0)
+        # Threads inherit their creator's affinity: pin this thread before the contenders
+        # start theirs.
+        os.sched_setaffinity(0, {min(allowed)})
+        try:
+            pinned = _latency_pass(contenders, counts)
+        finally:
+            os.sched_setaffinity(0, allowed)
+        for key, values in pinned.items():
+            figures[key].update({f"{name}_one_cpu": value for name, value in values.items()})
+    return figures
+
+
+def _latency_pass(contenders: list[Contender], counts: Counts) -> dict[str, Figures]:
+    """Every contender open at once, taking turns of a slice of calls each in a rotating
+    order: a change in the machine's load during the pass falls on all of them alike.
+    Idle contenders wait in epoll and take no CPU from the one being measured."""
+    per_turn = max(1, counts.latency_calls // LATENCY_TURNS)
+    samples: dict[str, list[int]] = {contender.key: [] for contender in contenders}
+    with ExitStack() as stack:
+        calls = {
+            contender.key: round_trip(stack.enter_context(contender.opened(WORKERS)))
+            for contender in contenders
+        }
+        for call in calls.values():
+            for _ in range(counts.latency_warmup):
+                call(noop)
         _settled()
-        samples: list[int] = []
-        for _ in range(counts.latency_calls):
-            start = perf_counter_ns()
-            call(noop)
-            samples.append(perf_counter_ns() - start)
-    samples.sort()
-    return {
-        "p50_us": _percentile(samples, 0.50) / 1000,
-        "p99_us": _percentile(samples, 0.99) / 1000,
-        "mean_us": sum(samples) / len(samples) / 1000,
-        "calls": len(samples),
-    }
+        keys = list(calls)
+        for turn in range(LATENCY_TURNS):
+            shift = turn % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                call, bucket = calls[key], samples[key]
+                for _ in range(per_turn):
+                    start = perf_counter_ns()
+                    call(noop)
+                    bucket.append(perf_counter_ns() - start)
+    figures: dict[str, Figures] = {}
+    for key, taken in samples.items():
+        taken.sort()
+        figures[key] = {
+            "p50_us": _percentile(taken, 0.50) / 1000,
+            "p99_us": _percentile(taken, 0.99) / 1000,
+            "mean_us": sum(taken) / len(taken) / 1000,
+            "calls": len(taken),
+        }
+    return figures
 
 
 def bench_sleepers(contender: Contender, counts: Counts) -> Figures:
@@ -355,9 +397,11 @@ def bench_limits(contender: Contender, counts: Counts) -> Figures | None:
 
 
 Case = Callable[[Contender, Counts], Figures | None]
+#: A case that measures every contender together and returns figures by contender key.
+GroupCase = Callable[[list[Contender], Counts], dict[str, Figures]]
 
 #: name -> (what it measures, function), in the order they run
-CASES: dict[str, tuple[str, Case]] = {
+CASES: dict[str, tuple[str, Case | GroupCase]] = {
     "submit": ("submit throughput", bench_submit),
     "map": ("map throughput", bench_map),
     "latency": ("round-trip latency", bench_latency),
@@ -367,3 +411,5 @@ CASES: dict[str, tuple[str, Case]] = {
     "skew": ("least_loaded vs round_robin on a skewed load", bench_skew),
     "limits": ("cost of max_concurrency and max_pending", bench_limits),
 }
+#: the cases that are GroupCases
+GROUP_CASES = frozenset({"latency"})

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .cases import Counts
+from .cases import LATENCY_TURNS, Counts
 from .contenders import Contender
 
 #: results[case][contender key] -> that case's figures for that contender
@@ -373,6 +373,15 @@ def render(
             "round trip (`run`) p99, µs", contenders, results, "latency", "p99_us", "µs", "p99_us"
         ),
         _row(
+            "round trip p50, every thread on one CPU³, µs",
+            contenders,
+            results,
+            "latency",
+            "p50_us_one_cpu",
+            "µs",
+            "p50_us_one_cpu",
+        ),
+        _row(
             f"{counts.sleepers:,} {TIMES} sleep(0.1) via submit, wall s",
             contenders,
             results,
@@ -519,7 +528,9 @@ def render(
         "`start_task_soon`), measured separately. Round trips: seed "
         "`run_coroutine_threadsafe(...).result()`, anyio `portal.call`, PortalPool "
         "`pool.run`, "
-        f"{counts.latency_calls:,} calls after {counts.latency_warmup} warm-up. Sleepers: each "
+        f"{counts.latency_calls:,} calls after {counts.latency_warmup} warm-up, every "
+        f"contender open at once and taking turns of {counts.latency_calls // LATENCY_TURNS} "
+        "calls in a rotating order. Sleepers: each "
         "contender awaits its backend's own sleep (`asyncio.sleep(0.1)`, or `trio.sleep(0.1)` "
         "on trio; the raw portals `anyio.sleep(0.1)`); the floor row runs the same sleepers "
         "on 2 threads that each run a bare loop of that kind, with no pool; wall time from the "
@@ -529,7 +540,11 @@ def render(
         "subprocess per backend, VmHWM after minus before iterating the map without keeping "
         f"results. ² {counts.skew_tasks:,} sync tasks arriving one per 2 ms, each "
         "blocking its loop for 0.2 ms or (a seeded random 10%) 20 ms. Limits: set high "
-        "enough never to bind, so the row is their bookkeeping cost alone.",
+        "enough never to bind, so the row is their bookkeeping cost alone. ³ The same round "
+        "trips again with the caller and every contender's threads pinned to one CPU. With "
+        "threads free to move, most of a round trip on an idle machine is the kernel waking "
+        "an idle core, and whether a contender's threads happen to share one changes between "
+        "runs; pinned, the figure is the cost of the round trip's own code.",
     ]
     if problems:
         lines += ["", "**Problems in this run:**", ""]

@@ -7,9 +7,9 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from .cases import CASES, REPO_ROOT, WORKERS, Counts
+from .cases import CASES, GROUP_CASES, REPO_ROOT, WORKERS, Case, Counts, GroupCase
 from .contenders import CONTENDERS, Contender
 from .report import (
     Results,
@@ -84,11 +84,14 @@ def run_cases(
     problems: dict[str, str] = {}
     for name in names:
         _, case = CASES[name]
+        if name in GROUP_CASES:
+            _run_group_case(name, cast(GroupCase, case), contenders, counts, results, problems)
+            continue
         for contender in contenders:
             where = f"{name}/{contender.key}"
             before = set(threading.enumerate())
             try:
-                figures = case(contender, counts)
+                figures = cast(Case, case)(contender, counts)
             except Exception as exc:  # reported in the table; the run goes on
                 figures = {"error": f"{type(exc).__name__}: {exc}"}
                 problems[where] = f"failed with {figures['error']}"
@@ -101,6 +104,34 @@ def run_cases(
             if figures is not None:
                 results.setdefault(name, {})[contender.key] = figures
     return results, problems
+
+
+def _run_group_case(
+    name: str,
+    case: GroupCase,
+    contenders: list[Contender],
+    counts: Counts,
+    results: Results,
+    problems: dict[str, str],
+) -> None:
+    """Run a case that measures every contender at once; record like run_cases does."""
+    before = set(threading.enumerate())
+    try:
+        by_key = case(contenders, counts)
+    except Exception as exc:  # reported in the table; the run goes on
+        error = f"{type(exc).__name__}: {exc}"
+        by_key = {contender.key: {"error": error} for contender in contenders}
+        problems[name] = f"failed with {error}"
+    leftover = _leftover_threads(before)
+    if leftover:
+        problems[name] = (
+            problems.get(name, "") + f" left threads running: {', '.join(leftover)}"
+        ).strip()
+    for contender in contenders:
+        figures = by_key.get(contender.key)
+        _progress(name, contender, figures)
+        if figures is not None:
+            results.setdefault(name, {})[contender.key] = figures
 
 
 def main(argv: list[str] | None = None) -> int:
