@@ -56,6 +56,10 @@ class Runtime(Protocol):
         """Have the loop drain the inbox soon; from any thread, never waiting."""
         ...
 
+    def close(self) -> None:
+        """Release what :meth:`wake` uses, once the loop has ended."""
+        ...
+
     async def serve(self, on_ready: Callable[[], object]) -> None:
         """Open the task container, call ``on_ready``, run until stopped and joined."""
         ...
@@ -125,6 +129,9 @@ class AsyncioRuntime:
             if not self._loop.is_closed():
                 raise
             # The loop has ended; its successor drains the inbox.
+
+    def close(self) -> None:
+        pass  # the loop's self-pipe is the loop's own
 
     async def serve(self, on_ready: Callable[[], object]) -> None:
         # Taken here, inside worker_context, so tasks see what it set.
@@ -261,21 +268,24 @@ class TrioRuntime:
         # While the leader drains the inbox, start() keeps the first call for it.
         self._keeping = False
         self._kept: TaskFuture[Any] | None = None
-        # Made in serve(): a runtime whose worker_context fails never serves.
-        self._wake_receiver: socket.socket
-        self._wake_sender: socket.socket
-        self.accepting = True
-
-    def wake(self) -> None:
-        # Full: a byte is already waiting, so the leader wakes anyway. Closed: the loop
-        # has ended, and its successor drains the inbox.
-        with suppress(OSError):
-            self._wake_sender.send(b"\0")
-
-    async def serve(self, on_ready: Callable[[], object]) -> None:
         self._wake_receiver, self._wake_sender = socket.socketpair()
         self._wake_receiver.setblocking(False)
         self._wake_sender.setblocking(False)
+        self.accepting = True
+
+    def wake(self) -> None:
+        # Full: a byte is already waiting, so the leader wakes anyway.
+        with suppress(BlockingIOError):
+            self._wake_sender.send(b"\0")
+
+    def close(self) -> None:
+        # Not at the end of serve(): the worker calls this under the lock that its
+        # submitters hold while they call wake(), so no send can race the close and
+        # land on a reused file descriptor.
+        self._wake_receiver.close()
+        self._wake_sender.close()
+
+    async def serve(self, on_ready: Callable[[], object]) -> None:
         try:
             async with self._trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -290,8 +300,6 @@ class TrioRuntime:
                     raise
         finally:
             self.accepting = False
-            self._wake_receiver.close()
-            self._wake_sender.close()
 
     def start(self, future: TaskFuture[Any]) -> None:
         if self._keeping and self._kept is None:

@@ -279,9 +279,10 @@ class Worker(Generic[C_co]):
                 return
             self._wake_pending = True
             # None until the loop accepts work; _accept_work drains what came before.
+            # Woken under the lock, so the runtime cannot be closed meanwhile.
             runtime = self._runtime
-        if runtime is not None:
-            runtime.wake()
+            if runtime is not None:
+                runtime.wake()
 
     def _request_cancel(self, future: TaskFuture[Any]) -> None:
         self._call_soon(_cancel_in_loop, future)
@@ -478,6 +479,8 @@ class Worker(Generic[C_co]):
         failure = self._failure
         with self._lock:
             runtime, self._runtime = self._runtime, None
+            if runtime is not None:
+                runtime.close()
             # Work held back by max_concurrency never started: it waits for the next
             # loop, in front of what arrived since.
             self._inbox.extendleft(reversed(self._waiting))
@@ -526,12 +529,14 @@ class Worker(Generic[C_co]):
                     self._startup_scope = startup
                     if self._stop_request is True:
                         startup.cancel()  # Ctrl-C or a failed sibling before we began
-                runtime = make_runtime(self._backend, self)
                 async with AsyncExitStack() as stack:
                     if self._context_factory is not None:
                         self._context = await stack.enter_async_context(
                             _open_context(self._context_factory)
                         )
+                    # Made only now: serve() publishes it at once, and the supervisor
+                    # closes what it has published.
+                    runtime = make_runtime(self._backend, self)
                     await runtime.serve(lambda: self._accept_work(runtime))
             if not self._ready.done():
                 self._ready.set_exception(
