@@ -238,13 +238,12 @@ class TrioRuntime:
 
     Why not one spawned task per call, woken through ``TrioToken.run_sync_soon``: that
     path costs two scheduler batches and a spawn per round trip (the entry-queue task
-    runs first, the new task in the next batch), which made trio's round trip about 1.5
-    times the seed pattern's. Instead one runner, the *leader*, waits on a socket that
-    submitters write one byte to per burst. When the byte arrives the leader takes the
-    whole inbox, hands every call but the first to a parked runner (or a new one), makes
-    another runner the leader, and runs the first call itself, in the batch that woke
-    it. A runner that has finished its call leads if nobody does, parks if fewer than
-    :data:`PARKED_RUNNERS_MAX` are parked, and ends otherwise.
+    runs first, the new task in the next batch). Instead one runner, the *leader*, waits
+    on a socket that submitters write one byte to per burst. When the byte arrives the
+    leader takes the whole inbox, hands every call but the first to a parked runner (or a
+    new one), makes another runner the leader, and runs the first call itself, in the
+    batch that woke it. A runner that has finished its call leads if nobody does, parks
+    if fewer than :data:`PARKED_RUNNERS_MAX` are parked, and ends otherwise.
 
     Each call starts in a fresh copy of the worker's context, as a spawned task would:
     a runner swaps its task's context before it waits for its next call (trio reads
