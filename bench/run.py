@@ -6,10 +6,12 @@ import argparse
 import os
 import sys
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
-from .cases import CASES, GROUP_CASES, REPO_ROOT, WORKERS, Case, Counts, GroupCase
+from .cases import CASES, GROUP_CASES, REPO_ROOT, WORKERS, Case, Counts, Figures, GroupCase
 from .contenders import CONTENDERS, Contender
 from .report import (
     Results,
@@ -20,6 +22,8 @@ from .report import (
     write_chart,
     write_json,
 )
+
+T = TypeVar("T")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUICK_DIVISOR = 10
@@ -85,53 +89,54 @@ def run_cases(
     for name in names:
         _, case = CASES[name]
         if name in GROUP_CASES:
-            _run_group_case(name, cast(GroupCase, case), contenders, counts, results, problems)
+            group_case = cast(GroupCase, case)
+            by_key = _guarded(
+                name,
+                partial(group_case, contenders, counts),
+                lambda error: {contender.key: {"error": error} for contender in contenders},
+                problems,
+            )
+            for contender in contenders:
+                _record(name, contender, by_key.get(contender.key), results)
             continue
+        single_case = cast(Case, case)
         for contender in contenders:
-            where = f"{name}/{contender.key}"
-            before = set(threading.enumerate())
-            try:
-                figures = cast(Case, case)(contender, counts)
-            except Exception as exc:  # reported in the table; the run goes on
-                figures = {"error": f"{type(exc).__name__}: {exc}"}
-                problems[where] = f"failed with {figures['error']}"
-            leftover = _leftover_threads(before)
-            if leftover:
-                problems[where] = (
-                    problems.get(where, "") + f" left threads running: {', '.join(leftover)}"
-                ).strip()
-            _progress(name, contender, figures)
-            if figures is not None:
-                results.setdefault(name, {})[contender.key] = figures
+            figures = _guarded(
+                f"{name}/{contender.key}",
+                partial(single_case, contender, counts),
+                lambda error: {"error": error},
+                problems,
+            )
+            _record(name, contender, figures, results)
     return results, problems
 
 
-def _run_group_case(
-    name: str,
-    case: GroupCase,
-    contenders: list[Contender],
-    counts: Counts,
-    results: Results,
+def _guarded(
+    where: str,
+    measure: Callable[[], T],
+    on_error: Callable[[str], T],
     problems: dict[str, str],
-) -> None:
-    """Run a case that measures every contender at once; record like run_cases does."""
+) -> T:
+    """Run ``measure``; an exception, or a thread left running, is a problem at ``where``."""
     before = set(threading.enumerate())
     try:
-        by_key = case(contenders, counts)
+        outcome = measure()
     except Exception as exc:  # reported in the table; the run goes on
         error = f"{type(exc).__name__}: {exc}"
-        by_key = {contender.key: {"error": error} for contender in contenders}
-        problems[name] = f"failed with {error}"
+        outcome = on_error(error)
+        problems[where] = f"failed with {error}"
     leftover = _leftover_threads(before)
     if leftover:
-        problems[name] = (
-            problems.get(name, "") + f" left threads running: {', '.join(leftover)}"
+        problems[where] = (
+            problems.get(where, "") + f" left threads running: {', '.join(leftover)}"
         ).strip()
-    for contender in contenders:
-        figures = by_key.get(contender.key)
-        _progress(name, contender, figures)
-        if figures is not None:
-            results.setdefault(name, {})[contender.key] = figures
+    return outcome
+
+
+def _record(name: str, contender: Contender, figures: Figures | None, results: Results) -> None:
+    _progress(name, contender, figures)
+    if figures is not None:
+        results.setdefault(name, {})[contender.key] = figures
 
 
 def main(argv: list[str] | None = None) -> int:
