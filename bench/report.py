@@ -542,9 +542,9 @@ def render(
         "blocking its loop for 0.2 ms or (a seeded random 10%) 20 ms. Limits: set high "
         "enough never to bind, so the row is their bookkeeping cost alone. ³ The same round "
         "trips again with the caller and every contender's threads pinned to one CPU. With "
-        "threads free to move, most of a round trip on an idle machine is the kernel waking "
-        "an idle core, and whether a contender's threads happen to share one changes between "
-        "runs; pinned, the figure is the cost of the round trip's own code.",
+        "threads free to move, most of a round trip on an idle machine is spent between cores, "
+        "and how much changes with the order the threads were started; pinned, the figure is "
+        "the cost of the round trip's own code.",
     ]
     if problems:
         lines += ["", "**Problems in this run:**", ""]
