@@ -105,9 +105,9 @@ class TaskFuture(Future[T]):
 
     # The call waiting to run, then the in-loop canceller of the running task.
     _call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None
-    # The running task's handle in its loop: an asyncio Task or a trio CancelScope. The
-    # object itself, not its bound cancel method, which would be one more allocation per
-    # task on the hot path.
+    # The running task's handle in its loop: an asyncio Task, or the trio runner's
+    # CancelScope (only while this call runs). The object itself, not its bound cancel
+    # method, which would be one more allocation per task on the hot path.
     _canceller: _Cancellable | None
     # Called once, when the task has fully exited or will never run (see run_async).
     _on_task_exit: Callable[[], object] | None

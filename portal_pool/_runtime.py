@@ -234,7 +234,7 @@ _LEAD = _Lead()
 
 
 class TrioRuntime:
-    """Calls in long-lived *runner* tasks of one trio nursery, each in its own cancel scope.
+    """Calls in long-lived *runner* tasks of one trio nursery.
 
     Why not one spawned task per call, woken through ``TrioToken.run_sync_soon``: that
     path costs two scheduler batches and a spawn per round trip (the entry-queue task
@@ -244,6 +244,11 @@ class TrioRuntime:
     new one), makes another runner the leader, and runs the first call itself, in the
     batch that woke it. A runner that has finished its call leads if nobody does, parks
     if fewer than :data:`PARKED_RUNNERS_MAX` are parked, and ends otherwise.
+
+    A runner runs its calls inside one cancel scope of its own, which a call's future
+    points to only while that call runs. Cancelling the call cancels the scope; the runner
+    then takes a fresh one. Entering a trio cancel scope per call would cost about a
+    fifth of a round trip.
 
     Each call starts in a fresh copy of the worker's context, as a spawned task would:
     a runner swaps its task's context before it waits for its next call (trio reads
@@ -334,8 +339,18 @@ class TrioRuntime:
     async def _runner(self, future: TaskFuture[Any] | None) -> None:
         task = self._trio.lowlevel.current_task()
         while True:
+            with self._trio.CancelScope() as scope:
+                await self._serve_calls(task, scope, future)
+                if not scope.cancel_called:
+                    return
+            # A call was cancelled (the scope caught it here, or at the next wait if the
+            # call swallowed it): a cancelled scope stays cancelled, so take a fresh one.
+            future = None
+
+    async def _serve_calls(self, task: Any, scope: Any, future: TaskFuture[Any] | None) -> None:
+        while True:
             if future is not None:
-                await self._run_call(future)
+                await self._run_call(future, scope)
             if self._stopping:
                 return
             if self._leader is None:
@@ -394,7 +409,7 @@ class TrioRuntime:
         )
         return handed
 
-    async def _run_call(self, future: TaskFuture[Any]) -> None:
+    async def _run_call(self, future: TaskFuture[Any], scope: Any) -> None:
         try:
             # As on asyncio: RUNNING only once the call runs, and a dying loop requeues.
             if not self.accepting:
@@ -405,8 +420,8 @@ class TrioRuntime:
                 future.cancel()  # shutdown(cancel_futures=True) came before it ran
                 return
             # Set in this step, with RUNNING: a cancel() that sees RUNNING reaches the
-            # loop later, through the token, and finds the scope.
-            scope = self._trio.CancelScope()
+            # loop later, through the token, and finds the runner's scope. Settling
+            # clears it, so a cancel() that comes later cannot reach the next call.
             future._canceller = scope
             if not future.set_running_or_notify_cancel():
                 return
@@ -414,17 +429,16 @@ class TrioRuntime:
             fn, args, kwargs = future._take_call()
             outcome: Outcome | None = None
             try:
-                with scope:
-                    try:
-                        value = fn(*args, **kwargs)
-                        if isawaitable(value):
-                            value = await value
-                    except BaseException as exc:
-                        if _is_trio_cancellation(exc, self._trio.Cancelled):
-                            raise
-                        outcome = (False, exc)
-                    else:
-                        outcome = (True, value)
+                try:
+                    value = fn(*args, **kwargs)
+                    if isawaitable(value):
+                        value = await value
+                except BaseException as exc:
+                    if _is_trio_cancellation(exc, self._trio.Cancelled):
+                        raise
+                    outcome = (False, exc)
+                else:
+                    outcome = (True, value)
             finally:
                 self._running.discard(future)
                 if outcome is None:

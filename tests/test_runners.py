@@ -89,6 +89,33 @@ def test_a_cancelled_call_leaves_its_worker_serving(make_pool: MakePool) -> None
         assert pool.run(read_and_set, "after") == "unset"
 
 
+def test_a_call_that_swallows_its_cancellation_spoils_no_later_call(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(1)
+    started = threading.Event()
+
+    async def swallow() -> str:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            return "swallowed"  # bad manners, but the worker must survive them
+        return "unreachable"
+
+    async def checkpoints() -> str:
+        for _ in range(3):
+            await anyio.sleep(0)
+        return "done"
+
+    future = pool.submit(swallow)
+    assert started.wait(10)
+    assert future.cancel()
+    # The runner that ran it takes later calls in turn: none of them may be cancelled.
+    assert [pool.run(checkpoints) for _ in range(6)] == ["done"] * 6
+    assert future.cancelled()
+
+
 @requires_trio
 def test_trio_keeps_a_bounded_number_of_idle_runners() -> None:
     with PortalPool(1, backend="trio") as pool:
