@@ -13,6 +13,8 @@ import pytest
 
 from portal_pool import PortalPool
 
+from .helpers import loop_held
+
 MakePool = Callable[..., PortalPool[Any]]
 
 
@@ -42,24 +44,16 @@ def test_cancel_running_task_runs_its_finally(make_pool: MakePool) -> None:
 def test_cancelled_queued_work_never_starts(make_pool: MakePool) -> None:
     pool = make_pool(1)
     worker = pool.workers[0]
-    loop_blocked = threading.Event()
-    release = threading.Event()
     ran: list[str] = []
-
-    def block_loop() -> None:  # a sync callable holds the loop, so later work queues up
-        loop_blocked.set()
-        release.wait(10)
 
     async def must_not_run() -> None:
         ran.append("ran")
 
-    blocker = worker.submit(block_loop)
-    assert loop_blocked.wait(10)
-    queued = [worker.submit(must_not_run) for _ in range(5)]
-    assert all(f.cancel() for f in queued)
-    # Cancelled futures are reported done at once, even while the loop is blocked.
-    assert set(as_completed(queued, timeout=10)) == set(queued)
-    release.set()
+    with loop_held(worker.submit) as blocker:
+        queued = [worker.submit(must_not_run) for _ in range(5)]
+        assert all(f.cancel() for f in queued)
+        # Cancelled futures are reported done at once, even while the loop is blocked.
+        assert set(as_completed(queued, timeout=10)) == set(queued)
     blocker.result(timeout=10)
     pool.shutdown(wait=True)
     assert ran == []

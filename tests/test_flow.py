@@ -26,6 +26,7 @@ from portal_pool import (
 )
 
 from .faults import kill_current_loop
+from .helpers import CountingSource, loop_held
 
 MakePool = Callable[..., PortalPool[Any]]
 
@@ -729,20 +730,14 @@ def test_map_unordered_with_several_iterables_and_errors(make_pool: MakePool) ->
 
 def test_map_unordered_bounded_window_reads_input_lazily(make_pool: MakePool) -> None:
     pool = make_pool(2)
-    consumed = 0
+    source = CountingSource(100)
 
-    def source() -> Iterator[int]:
-        nonlocal consumed
-        for n in range(100):
-            consumed += 1
-            yield n
-
-    results = pool.map_unordered(square, source(), buffersize=3)
-    assert consumed == 3  # the first window
+    results = pool.map_unordered(square, source, buffersize=3)
+    assert source.consumed == 3  # the first window
     taken: list[int] = []
     for value in results:
         taken.append(value)
-        assert consumed <= len(taken) + 3  # one more unit per result taken
+        assert source.consumed <= len(taken) + 3  # one more unit per result taken
     assert sorted(taken) == [n * n for n in range(100)]
 
 
@@ -765,24 +760,18 @@ def test_map_unordered_leaving_early_cancels_outstanding(make_pool: MakePool) ->
 
 def test_map_unordered_leaving_early_stops_reading_input(make_pool: MakePool) -> None:
     pool = make_pool(1)
-    consumed = 0
-
-    def source() -> Iterator[int]:
-        nonlocal consumed
-        for n in range(1000):
-            consumed += 1
-            yield n
+    source = CountingSource(1000)
 
     async def item(n: int) -> int:
         if n:
             await anyio.sleep(3600)
         return n
 
-    results = pool.map_unordered(item, source(), buffersize=4)
+    results = pool.map_unordered(item, source, buffersize=4)
     assert next(results) == 0
     results.close()
     pool.shutdown(wait=True)
-    assert consumed == 5
+    assert source.consumed == 5
     assert pool.stats().cancelled == 4
 
 
@@ -802,20 +791,14 @@ async def test_map_async_results_in_order(make_pool: MakePool, buffersize: int |
 @pytest.mark.anyio
 async def test_map_async_reads_input_lazily(make_pool: MakePool) -> None:
     pool = make_pool(2)
-    consumed = 0
-
-    def source() -> Iterator[int]:
-        nonlocal consumed
-        for n in range(50):
-            consumed += 1
-            yield n
+    source = CountingSource(50)
 
     taken = 0
     with anyio.fail_after(10):
-        async for value in pool.map_async(square, source(), buffersize=3):
+        async for value in pool.map_async(square, source, buffersize=3):
             assert value == taken * taken
             taken += 1
-            assert consumed <= taken + 3
+            assert source.consumed <= taken + 3
     assert taken == 50
 
 
@@ -924,21 +907,9 @@ def test_stats_account_for_every_task(make_pool: MakePool) -> None:
     bad = [pool.submit(fail) for _ in range(3)] + [pool.submit(fail_sync) for _ in range(2)]
 
     # Cancelled while queued: behind a sync call that holds worker 0's loop.
-    loop_held = threading.Event()
-    release = threading.Event()
-
-    def hold_loop() -> str:
-        loop_held.set()
-        release.wait(10)
-        return "held"
-
-    holder = worker.submit(hold_loop)
-    try:
-        assert loop_held.wait(10)
+    with loop_held(worker.submit) as holder:
         queued = [worker.submit(noop) for _ in range(4)]
         assert all(f.cancel() for f in queued)
-    finally:
-        release.set()
 
     # Cancelled while running.
     started = threading.Semaphore(0)
@@ -960,7 +931,7 @@ def test_stats_account_for_every_task(make_pool: MakePool) -> None:
     assert (stats.running, stats.queued, stats.pending) == (0, 0, 0)
     for field in ("completed", "failed", "cancelled", "running", "queued", "restarts"):
         assert getattr(stats, field) == sum(getattr(w, field) for w in stats.workers)
-    assert holder.result(timeout=0) == "held"
+    assert holder.result(timeout=0) is None
     assert all(isinstance(f.exception(timeout=0), Boom) for f in bad)
 
 
@@ -968,20 +939,9 @@ def test_stats_account_for_shutdown_cancel_futures(make_pool: MakePool) -> None:
     # Regression (asyncio/uvloop): futures cancelled in the inbox were drained into tasks
     # that shutdown then cancelled before their first step, and counted a second time.
     pool = make_pool(1)
-    loop_held = threading.Event()
-    release = threading.Event()
-
-    def hold_loop() -> None:
-        loop_held.set()
-        release.wait(10)
-
-    holder = pool.submit(hold_loop)
-    try:
-        assert loop_held.wait(10)
+    with loop_held(pool.submit) as holder:
         queued = [pool.submit(noop) for _ in range(5)]
         pool.shutdown(wait=False, cancel_futures=True)
-    finally:
-        release.set()
     pool.shutdown(wait=True)
     assert holder.result(timeout=0) is None
     assert all(f.cancelled() for f in queued)
@@ -992,23 +952,12 @@ def test_stats_account_for_shutdown_cancel_futures(make_pool: MakePool) -> None:
 def test_stats_reflect_a_blocked_worker(make_pool: MakePool) -> None:
     pool = make_pool(2)
     worker = pool.workers[0]
-    loop_held = threading.Event()
-    release = threading.Event()
-
-    def hold_loop() -> None:
-        loop_held.set()
-        release.wait(10)
-
-    holder = worker.submit(hold_loop)
-    try:
-        assert loop_held.wait(10)
+    with loop_held(worker.submit) as holder:
         queued = [worker.submit(noop) for _ in range(3)]
         stats = pool.stats()
         assert (stats.workers[0].running, stats.workers[0].queued) == (1, 3)
         assert (stats.workers[1].running, stats.workers[1].queued) == (0, 0)
         assert (stats.running, stats.queued, stats.pending) == (1, 3, 4)
-    finally:
-        release.set()
     holder.result(timeout=10)
     for future in queued:
         future.result(timeout=10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -13,6 +13,8 @@ import anyio
 import pytest
 
 from portal_pool import PortalPool
+
+from .helpers import CountingSource
 
 MakePool = Callable[..., PortalPool[Any]]
 
@@ -52,18 +54,12 @@ def test_error_raised_at_its_position(make_pool: MakePool, chunksize: int) -> No
 @pytest.mark.parametrize("chunksize", [1, 2])
 def test_buffersize_reads_input_lazily(make_pool: MakePool, chunksize: int) -> None:
     pool = make_pool(2)
-    consumed = 0
+    source = CountingSource(1000)
 
-    def source() -> Iterator[int]:
-        nonlocal consumed
-        for n in range(1000):
-            consumed += 1
-            yield n
-
-    results = pool.map(square, source(), buffersize=3, chunksize=chunksize)
-    assert consumed == 3 * chunksize  # the first window is submitted eagerly
+    results = pool.map(square, source, buffersize=3, chunksize=chunksize)
+    assert source.consumed == 3 * chunksize  # the first window is submitted eagerly
     assert next(results) == 0
-    assert consumed <= 4 * chunksize  # one more unit per result taken
+    assert source.consumed <= 4 * chunksize  # one more unit per result taken
     assert list(results) == [n * n for n in range(1, 1000)]
 
 

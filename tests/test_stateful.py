@@ -53,6 +53,8 @@ from hypothesis.stateful import (
 
 from portal_pool import PortalPool
 
+from .helpers import loop_held
+
 T = TypeVar("T")
 
 HAVE_TRIO = importlib.util.find_spec("trio") is not None
@@ -665,25 +667,17 @@ def test_shutdown_cancel_counts_each_future_once(backend_kwargs: dict[str, Any])
     # released twice.
     pool = PortalPool(1, **backend_kwargs)
     worker = pool.workers[0]
-    loop_blocked = threading.Event()
-    release = threading.Event()
-
-    def block_loop() -> None:  # a sync callable holds the loop, so later work queues up
-        loop_blocked.set()
-        assert release.wait(TIMEOUT)
 
     async def queued() -> None:
         await anyio.sleep(0)
 
     try:
-        blocker = worker.submit(block_loop)
-        assert loop_blocked.wait(TIMEOUT)
-        futures = [worker.submit(queued) for _ in range(10)]
-        # Cancels the queued futures now; the loop gets the stop request once unblocked.
-        pool.shutdown(wait=False, cancel_futures=True)
-        assert all(future.cancelled() for future in futures)
+        with loop_held(worker.submit) as blocker:
+            futures = [worker.submit(queued) for _ in range(10)]
+            # Cancels the queued futures now; the loop gets the stop request once unblocked.
+            pool.shutdown(wait=False, cancel_futures=True)
+            assert all(future.cancelled() for future in futures)
     finally:
-        release.set()
         pool.shutdown(wait=True)
     assert blocker.result(timeout=0) is None
     stats = pool.stats()
