@@ -106,6 +106,8 @@ class AsyncioRuntime:
     def __init__(self, host: Host) -> None:
         self._loop = asyncio.get_running_loop()
         self._host = host
+        # Every task starts in a copy of this. The worker makes its runtime inside
+        # worker_context, so tasks see what that set.
         self._base = copy_context()
         # Every task spawned and not yet finished, by its future.
         self._tasks: dict[TaskFuture[Any], asyncio.Task[None]] = {}
@@ -134,8 +136,6 @@ class AsyncioRuntime:
         pass  # the loop's self-pipe is the loop's own
 
     async def serve(self, on_ready: Callable[[], object]) -> None:
-        # Taken here, inside worker_context, so tasks see what it set.
-        self._base = copy_context()
         on_ready()
         try:
             await self._serving
@@ -265,6 +265,7 @@ class TrioRuntime:
         self._stop = trio.Event()
         self._stopping = False
         self._nursery: trio.Nursery | None = None
+        # Every call starts in a copy of this; made inside worker_context, as on asyncio.
         self._base = copy_context()
         self._running: set[TaskFuture[Any]] = set()
         self._parked: list[trio.lowlevel.Task] = []
@@ -293,8 +294,6 @@ class TrioRuntime:
         try:
             async with self._trio.open_nursery() as nursery:
                 self._nursery = nursery
-                # Taken here, inside worker_context, so calls see what it set.
-                self._base = copy_context()
                 self._spawn_runner(None)  # the first leader
                 on_ready()
                 try:

@@ -534,8 +534,9 @@ class Worker(Generic[C_co]):
                         self._context = await stack.enter_async_context(
                             _open_context(self._context_factory)
                         )
-                    # Made only now: serve() publishes it at once, and the supervisor
-                    # closes what it has published.
+                    # Made only now: its tasks start in copies of the context as
+                    # worker_context left it, and serve() publishes it at once, so the
+                    # supervisor closes whatever was made.
                     runtime = make_runtime(self._backend, self)
                     await runtime.serve(lambda: self._accept_work(runtime))
             if not self._ready.done():
