@@ -10,6 +10,7 @@ from concurrent.futures._base import (  # the states are not re-exported publicl
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
     FINISHED,
+    LOGGER,
     PENDING,
     RUNNING,
 )
@@ -134,6 +135,7 @@ class TaskFuture(Future[T]):
         self._canceller = None
         self._on_task_exit = None
         self._started = False  # set once, in the loop thread, when the task begins
+        self._exit_recorded = False  # see _task_exited
 
     def cancel(self) -> bool:
         """Cancel the work, whether it is waiting or already running.
@@ -150,14 +152,7 @@ class TaskFuture(Future[T]):
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
-        with self._condition:
-            if self._state == PENDING:
-                self._state = RUNNING
-                self._started = True
-                return True
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return False  # cancel() has notified the waiters and dropped the call
-            raise RuntimeError(f"future in unexpected state {self._state}")
+        return self._begin() is not None
 
     def result(self, timeout: float | None = None) -> T:
         # The thread check first: it is lock-free, and false on every normal call.
@@ -172,11 +167,21 @@ class TaskFuture(Future[T]):
 
     # -- called by the worker, in its loop thread --------------------------------------
 
-    def _take_call(self) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-        call = self._call
-        assert call is not None
-        self._call = None
-        return call
+    def _begin(self) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None:
+        """Turn ``RUNNING`` and hand over the call, or ``None`` if cancelled first.
+
+        One step under the lock: a ``cancel()`` that lands just after it finds the task
+        running and cancels it in its loop, rather than taking the call from under it.
+        """
+        with self._condition:
+            if self._state == PENDING:
+                self._state = RUNNING
+                self._started = True
+                call, self._call = self._call, None
+                return call
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return None  # cancel() has notified the waiters and dropped the call
+            raise RuntimeError(f"future in unexpected state {self._state}")
 
     def _settle(self, ok: bool, value: Any) -> None:
         """Record the task's outcome, unless the future was cancelled meanwhile."""
@@ -205,11 +210,34 @@ class TaskFuture(Future[T]):
         self._task_exited()
 
     def _task_exited(self) -> None:
-        """Called exactly once per future, when its task is over or will never run."""
+        """Account for the task's end, once per future, whoever reports it.
+
+        Several paths may report the same end: cancel() of queued work, the task itself,
+        and a dying worker failing what it held. Only the first counts, so every counter
+        and the ``max_pending`` room stay exact.
+        """
+        with self._condition:
+            if self._exit_recorded:
+                return
+            self._exit_recorded = True
         self._worker._record_exit(self)
         callback, self._on_task_exit = self._on_task_exit, None
         if callback is not None:
             callback()
+
+    def _after_fork_in_child(self) -> None:
+        # The thread that held this lock at the fork does not exist in the child.
+        self._condition = _FutureCondition()  # type: ignore[assignment]
+
+    def _invoke_callbacks(self) -> None:
+        # Future's own version logs an Exception and lets any other BaseException out,
+        # into whatever settled the future: in a worker, that is the loop itself, and the
+        # task's accounting would be skipped. A callback never ends its caller here.
+        for callback in self._done_callbacks:
+            try:
+                callback(self)
+            except BaseException:
+                LOGGER.exception("exception calling callback for %r", self)
 
     # -- internals -------------------------------------------------------------------
 
@@ -230,5 +258,5 @@ class TaskFuture(Future[T]):
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]  # private, stable since 3.2
+        self._invoke_callbacks()
         return previous

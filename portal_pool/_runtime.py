@@ -146,8 +146,11 @@ class AsyncioRuntime:
     def start(self, future: TaskFuture[Any]) -> None:
         # Every task starts in a fresh copy of the worker's context, whoever submitted it.
         task = _create_task(self._loop, self._run(future), self._base.copy())
-        future._canceller = task
-        self._tasks[future] = task
+        # An eager task factory (3.12+) runs the task's first step inside create_task: a
+        # task that finished there has already settled its future and left no trace.
+        if not task.done():
+            future._canceller = task
+            self._tasks[future] = task
 
     def request_stop(self, cancel: bool) -> None:
         if not self._serving.done():
@@ -161,7 +164,8 @@ class AsyncioRuntime:
                     task.cancel()
 
     def unfinished(self) -> list[TaskFuture[Any]]:
-        return [future for future in self._tasks if future.running()]
+        # Cancelled while running counts too: such a task has not reported its exit.
+        return [future for future in self._tasks if future._started]
 
     def never_started(self) -> list[TaskFuture[Any]]:
         return [future for future in self._tasks if not future._started]
@@ -176,9 +180,10 @@ class AsyncioRuntime:
             if self._cancelling:
                 future.cancel()  # shutdown(cancel_futures=True) came before this step
                 return
-            if not future.set_running_or_notify_cancel():
-                return
-            fn, args, kwargs = future._take_call()
+            call = future._begin()
+            if call is None:
+                return  # cancelled while it waited: cancel() has accounted for it
+            fn, args, kwargs = call
             # Every exception but cancellation goes to the future. asyncio re-raises
             # KeyboardInterrupt and SystemExit out of the loop itself, which would kill
             # every other task on this worker.
@@ -194,7 +199,8 @@ class AsyncioRuntime:
             else:
                 future._settle(True, value)
         finally:
-            del self._tasks[future]
+            # Not there yet if an eager task factory ran this step inside start().
+            self._tasks.pop(future, None)
             self._host._task_ended()
             if not self._tasks and self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
@@ -323,7 +329,7 @@ class TrioRuntime:
             self._nursery.cancel_scope.cancel()
 
     def unfinished(self) -> list[TaskFuture[Any]]:
-        return [future for future in self._running if future.running()]
+        return list(self._running)
 
     def never_started(self) -> list[TaskFuture[Any]]:
         # A call handed to a runner is run, or requeued, at the runner's next step,
@@ -422,10 +428,12 @@ class TrioRuntime:
             # loop later, through the token, and finds the runner's scope. Settling
             # clears it, so a cancel() that comes later cannot reach the next call.
             future._canceller = scope
-            if not future.set_running_or_notify_cancel():
+            call = future._begin()
+            if call is None:
+                future._canceller = None
                 return
             self._running.add(future)
-            fn, args, kwargs = future._take_call()
+            fn, args, kwargs = call
             outcome: Outcome | None = None
             try:
                 try:
