@@ -8,10 +8,16 @@ from collections import deque
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
 
+from ._exceptions import BrokenPortalPool
 from ._signals import SIGNAL_CHECK_INTERVAL
 from ._tokens import call_soon_or_drop
 
 SHUTDOWN_MESSAGE = "cannot schedule new futures after shutdown"
+FORK_MESSAGE = (
+    "this pool was inherited across os.fork(): its event loops run only in the parent "
+    "process. Create a new PortalPool in the child, or start child processes with the "
+    "'spawn' or 'forkserver' method"
+)
 
 
 class PendingLimit:
@@ -26,6 +32,7 @@ class PendingLimit:
         self.limit = limit
         self._count = 0
         self._closed = False
+        self._forked = False  # a copy in a child made by os.fork(): closed for good
         # The plain lock serves the fast paths; the condition over it only blocked
         # submitters, counted so release() skips notify() when nobody waits.
         self._lock = threading.Lock()
@@ -54,7 +61,7 @@ class PendingLimit:
             finally:
                 self._blocked -= 1
             if self._closed:
-                raise RuntimeError(SHUTDOWN_MESSAGE)
+                raise self._refusal()
             self._count += 1
 
     def would_block(self) -> bool:
@@ -68,7 +75,7 @@ class PendingLimit:
         while True:
             with self._lock:
                 if self._closed:
-                    raise RuntimeError(SHUTDOWN_MESSAGE)
+                    raise self._refusal()
                 if self._count < self.limit:
                     self._count += 1
                     return
@@ -99,6 +106,18 @@ class PendingLimit:
             waiters, self._async_waiters = self._async_waiters, deque()
         for token, event in waiters:
             call_soon_or_drop(token, event.set)
+
+    def _after_fork_in_child(self) -> None:
+        """In a child made by ``os.fork()``: new locks (their holders are gone), closed."""
+        self._lock = threading.Lock()
+        self._condition = threading.Condition(self._lock)
+        self._blocked = 0
+        self._async_waiters.clear()
+        self._closed = True
+        self._forked = True
+
+    def _refusal(self) -> Exception:
+        return BrokenPortalPool(FORK_MESSAGE) if self._forked else RuntimeError(SHUTDOWN_MESSAGE)
 
     def _wake_one_async(self) -> None:
         # Called with the lock held. A woken waiter re-checks the count, so waking

@@ -27,7 +27,7 @@ import anyio
 
 from ._backends import check_backend
 from ._exceptions import BrokenPortalPool
-from ._flow import SHUTDOWN_MESSAGE, PendingLimit
+from ._flow import FORK_MESSAGE, SHUTDOWN_MESSAGE, PendingLimit
 from ._iteration import (
     Window,
     batched,
@@ -42,7 +42,7 @@ from ._signals import wait_in_slices
 from ._statistics import PoolStatistics
 from ._tokens import wait_future
 from ._watchdog import StallWatchdog
-from ._worker import Worker, check_callable, wait_for_result
+from ._worker import Worker, _task_worker, check_callable, wait_for_result
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -409,8 +409,11 @@ class PortalPool(Executor, Generic[C]):
         :raises RuntimeError: if ``wait`` is true and this is called from one of the
             pool's own loops, where it would deadlock
         """
+        if self._workers[0]._forked:
+            raise BrokenPortalPool(FORK_MESSAGE)
         if wait:
             self._check_not_in_own_loop("shutdown(wait=True)")
+            self._check_not_awaited_by_own_task("shutdown(wait=True)")
         self._begin_shutdown(cancel_futures)
         if wait:
             self._join()
@@ -464,6 +467,17 @@ class PortalPool(Executor, Generic[C]):
     def _check_not_in_own_loop(self, what: str) -> None:
         for worker in self._workers:
             worker._check_not_own_loop(what)
+
+    def _check_not_awaited_by_own_task(self, what: str) -> None:
+        """Refuse to wait for the pool in a thread that one of its tasks is waiting on."""
+        worker = _task_worker.get()
+        if worker is not None and worker in self._workers:
+            raise RuntimeError(
+                f"{what} in a thread that a task of this pool is waiting on (through "
+                f"anyio.to_thread, asyncio.to_thread or trio.to_thread) would deadlock: "
+                f"the pool would wait for that task, and the task for this thread. Call "
+                f"shutdown(wait=False) here, or shut the pool down from outside its tasks"
+            )
 
 
 def _cpu_count() -> int:
@@ -567,6 +581,22 @@ def _at_interpreter_exit() -> None:
     with suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting, let Python exit
         _join_workers(workers)
 
+
+def _after_fork_in_child() -> None:
+    # A forked child has copies of the pools but none of their threads: every copy
+    # refuses work and fails what was in flight, instead of accepting work that never
+    # runs. The exit hook then has nothing to wait for.
+    workers = list(_live_workers)
+    _live_workers.clear()
+    limits = {id(w._pending_limit): w._pending_limit for w in workers if w._pending_limit}
+    for limit in limits.values():
+        limit._after_fork_in_child()
+    for worker in workers:
+        worker._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # The same hook ThreadPoolExecutor uses: atexit.register would run only after the
 # interpreter has waited for our (non-daemon) threads, that is, never.

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextvars import ContextVar
 from inspect import iscoroutine
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -19,7 +20,7 @@ from anyio.from_thread import BlockingPortal
 from anyio.lowlevel import EventLoopToken, current_token
 
 from ._exceptions import BrokenPortalPool
-from ._flow import SHUTDOWN_MESSAGE, PendingLimit
+from ._flow import FORK_MESSAGE, SHUTDOWN_MESSAGE, PendingLimit
 from ._future import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, TaskFuture
 from ._runtime import Runtime, make_runtime
 from ._signals import block_process_signals
@@ -33,6 +34,12 @@ C_co = TypeVar("C_co", covariant=True)
 logger = logging.getLogger("portal_pool")
 
 _thread_state = threading.local()
+
+# The worker whose task runs the current code, in every task's context: unlike the
+# thread-local above, it follows a task's call into anyio.to_thread, asyncio.to_thread
+# and trio.to_thread, which copy the context, so a blocking call made there that would
+# wait for that same task can be refused instead of deadlocking.
+_task_worker: ContextVar[Worker[Any] | None] = ContextVar("portal_pool_task_worker", default=None)
 
 
 def current_worker() -> Worker[Any]:
@@ -101,6 +108,7 @@ class Worker(Generic[C_co]):
         self._inbox: deque[TaskFuture[Any]] = deque()
         self._wake_pending = False
         self._closed = False
+        self._forked = False  # a copy of the worker in a child made by os.fork()
         self._stop_request: bool | None = None  # None, or the cancel flag of the stop
         self._ready: Future[None] = Future()
         self._exited: Future[None] = Future()
@@ -113,6 +121,7 @@ class Worker(Generic[C_co]):
         self._max_concurrency = max_concurrency
         self._active = 0
         self._waiting: deque[TaskFuture[Any]] = deque()
+        self._starting_waiting = False
         # Statistics. Submissions are counted under self._lock, exits under their own
         # lock: the loop thread settles every task, and sharing the inbox lock with the
         # submitters would make the two sides contend once per item.
@@ -270,6 +279,8 @@ class Worker(Generic[C_co]):
     def _enqueue(self, future: TaskFuture[Any]) -> None:
         with self._lock:
             if self._closed:
+                if self._forked:
+                    raise BrokenPortalPool(FORK_MESSAGE)
                 if self._stop_request is None:
                     raise BrokenPortalPool(f"worker {self._index}'s event loop has stopped")
                 raise RuntimeError(SHUTDOWN_MESSAGE)
@@ -289,6 +300,8 @@ class Worker(Generic[C_co]):
 
     def _request_stop(self, cancel: bool) -> None:
         """Stop accepting work; finish (or with ``cancel``, cancel) what was accepted."""
+        if self._forked:
+            return  # nothing runs here to stop: the loop is in the parent process
         with self._lock:
             self._closed = True
             if self._stop_request is True or (self._stop_request is False and not cancel):
@@ -357,6 +370,31 @@ class Worker(Generic[C_co]):
         self._loop_lag = time.monotonic() - sent
         self._ping_sent = None
 
+    def _after_fork_in_child(self) -> None:
+        """In a child made by ``os.fork()``: refuse all use, fail the work in flight.
+
+        Only the forking thread exists in the child, so the locks may be held by
+        threads that are gone: they are replaced, not taken.
+        """
+        self._lock = threading.Lock()
+        self._exit_lock = threading.Lock()
+        self._forked = True
+        self._closed = True
+        self._thread_ident = None
+        self._token = None
+        self._portal = None
+        runtime, self._runtime = self._runtime, None
+        in_flight = [*self._inbox, *self._waiting]
+        self._inbox.clear()
+        self._waiting.clear()
+        if runtime is not None:
+            in_flight += runtime.unfinished() + runtime.never_started()
+            runtime.close()
+        broken = BrokenPortalPool(FORK_MESSAGE)
+        for future in in_flight:
+            future._after_fork_in_child()
+            future._settle_broken(broken)
+
     def _check_not_own_loop(self, what: str) -> None:
         if self._thread_ident == threading.get_ident():
             raise RuntimeError(
@@ -393,12 +431,20 @@ class Worker(Generic[C_co]):
     def _start_waiting(self, runtime: Runtime) -> None:
         limit = self._max_concurrency
         assert limit is not None
-        waiting = self._waiting
-        while waiting and self._active < limit:
-            future = waiting.popleft()
-            if future._state == PENDING:  # skip work cancelled while it waited
-                self._active += 1
-                runtime.start(future)
+        if self._starting_waiting:
+            # Re-entered by a task that an eager task factory ran to its end inside
+            # start(): the loop below sees the freed slot, and the stack stays flat.
+            return
+        self._starting_waiting = True
+        try:
+            waiting = self._waiting
+            while waiting and self._active < limit:
+                future = waiting.popleft()
+                if future._state == PENDING:  # skip work cancelled while it waited
+                    self._active += 1
+                    runtime.start(future)
+        finally:
+            self._starting_waiting = False
 
     def _task_ended(self) -> None:
         self._active -= 1
@@ -524,6 +570,7 @@ class Worker(Generic[C_co]):
         portal = self._portal
         assert portal is not None
         try:
+            _task_worker.set(self)  # before the runtime copies this task's context
             with anyio.CancelScope() as startup:
                 with self._lock:
                     self._startup_scope = startup

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 
-from portal_pool import BrokenPortalPool, PortalPool
+from portal_pool import PortalPool
 
 from .faults import kill_current_loop
 
@@ -219,4 +219,5 @@ def test_counts_exact_when_the_worker_dies_and_cannot_restart(
     assert stats.cancelled == 5, stats
     assert stats.completed + stats.failed == 1, stats  # the holder, whichever way it ended
     assert stats.pending == 0, stats
-    assert pool._pending_limit is not None and pool._pending_limit.count == 0
+    assert pool._pending_limit is not None
+    assert pool._pending_limit.count == 0
