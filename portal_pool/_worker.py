@@ -11,7 +11,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from inspect import iscoroutine
+from functools import partial
+from inspect import isasyncgen, isasyncgenfunction, iscoroutine
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import anyio
@@ -50,8 +51,20 @@ def current_worker() -> Worker[Any]:
 
 
 def check_callable(fn: object) -> None:
-    """Reject what can't be submitted, before anything is queued."""
+    """Reject what can't be submitted, before anything is queued.
+
+    :raises TypeError: for anything but a callable, and for an async generator function,
+        whose call returns a generator without running any of its body
+    """
     if callable(fn):
+        # A task awaits what the call returns if that is awaitable; an async generator
+        # is not, so its body would never run. isasyncgenfunction also sees through
+        # bound methods and functools.partial.
+        if isasyncgenfunction(fn):
+            raise TypeError(
+                f"{_name_of(fn)} is an async generator function: a task would create the "
+                f"generator and never run it; {_ITERATE_IT.format(_name_of(fn))}"
+            )
         return
     if iscoroutine(fn):
         name = getattr(fn, "__name__", "fn")
@@ -61,7 +74,24 @@ def check_callable(fn: object) -> None:
             f"its arguments instead, e.g. submit({name}, arg) rather than "
             f"submit({name}(arg))"
         )
+    if isasyncgen(fn):
+        raise TypeError(
+            f"expected a callable but got an async generator object; "
+            f"{_ITERATE_IT.format(getattr(fn, '__name__', 'agen'))}"
+        )
     raise TypeError(f"expected a callable, got {type(fn).__name__} {fn!r}")
+
+
+_ITERATE_IT = (
+    "submit a coroutine function that iterates it instead, e.g. "
+    "'async def collect(): return [x async for x in {0}(...)]'"
+)
+
+
+def _name_of(fn: object) -> str:
+    while isinstance(fn, partial):
+        fn = fn.func
+    return str(getattr(fn, "__name__", "fn"))
 
 
 class Worker(Generic[C_co]):

@@ -9,6 +9,7 @@ import threading
 import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -60,6 +61,68 @@ def test_coroutine_object_is_rejected_and_closed(make_pool: MakePool) -> None:
             pool.submit(coroutine)  # type: ignore[call-overload]
         assert coroutine.cr_frame is None  # closed
     assert kept.result(timeout=10) is None  # earlier work is unaffected
+
+
+async def numbers(count: int) -> AsyncIterator[int]:
+    for number in range(count):
+        yield number
+
+
+class Feed:
+    async def items(self) -> AsyncIterator[int]:
+        yield 1
+
+
+# Each of these, called, returns an async generator: a task would return it unrun.
+ASYNC_GENERATOR_FUNCTIONS = {
+    "function": numbers,
+    "partial": partial(numbers, 3),
+    "bound method": Feed().items,
+    "partial of a method": partial(Feed().items),
+}
+AGEN_ERROR = r"is an async generator function.*coroutine function that iterates it"
+
+
+@pytest.mark.parametrize("fn", ASYNC_GENERATOR_FUNCTIONS.values(), ids=ASYNC_GENERATOR_FUNCTIONS)
+def test_async_generator_function_is_rejected(make_pool: MakePool, fn: Any) -> None:
+    pool = make_pool(1)
+    worker = pool.workers[0]
+    calls: list[Callable[[], object]] = [
+        lambda: pool.submit(fn),
+        lambda: pool.run(fn),
+        lambda: worker.submit(fn),
+        lambda: worker.run(fn),
+        lambda: pool.map(fn, [1]),
+        lambda: pool.map(fn, [1], chunksize=2),
+        lambda: pool.map_unordered(fn, [1]),
+        lambda: pool.map_async(fn, [1]),
+        lambda: pool.map_unordered_async(fn, [1]),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=AGEN_ERROR):
+            call()
+    assert pool.stats().completed == pool.stats().pending == 0  # nothing was queued
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fn", ASYNC_GENERATOR_FUNCTIONS.values(), ids=ASYNC_GENERATOR_FUNCTIONS)
+async def test_async_generator_function_is_rejected_by_run_async(
+    make_pool: MakePool, fn: Any
+) -> None:
+    pool = make_pool(1)
+    with pytest.raises(TypeError, match=AGEN_ERROR):
+        await pool.run_async(fn)
+    with pytest.raises(TypeError, match=AGEN_ERROR):
+        await pool.workers[0].run_async(fn)
+    assert pool.stats().completed == pool.stats().pending == 0
+
+
+def test_async_generator_object_is_rejected(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    generator = numbers(3)
+    with pytest.raises(TypeError, match=r"async generator object.*async for x in numbers"):
+        pool.submit(generator)  # type: ignore[call-overload]
+    assert pool.stats().completed == pool.stats().pending == 0
 
 
 def test_worker_context_failure_breaks_the_pool_and_leaves_no_thread(
