@@ -26,7 +26,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 import anyio
 
 from ._backends import check_backend
-from ._exceptions import BrokenPortalPool
+from ._exceptions import BrokenPortalPool, safe_repr
 from ._flow import SHUTDOWN_MESSAGE, PendingLimit
 from ._iteration import (
     Window,
@@ -106,9 +106,11 @@ class PortalPool(Executor, Generic[C]):
             )
         for name, value in (("max_concurrency", max_concurrency), ("max_pending", max_pending)):
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+                raise ValueError(f"{name} must be None or an integer >= 1, got {safe_repr(value)}")
         if stall_timeout is not None and not stall_timeout > 0:
-            raise ValueError(f"stall_timeout must be None or > 0 seconds, got {stall_timeout!r}")
+            raise ValueError(
+                f"stall_timeout must be None or > 0 seconds, got {safe_repr(stall_timeout)}"
+            )
         self._backend = backend
         self._run_chunk = run_chunk_trio if backend == "trio" else run_chunk_asyncio
         self._scheduler = make_scheduler(schedule)
@@ -157,7 +159,7 @@ class PortalPool(Executor, Generic[C]):
             _stop_workers(self._workers, True)
             _join_workers(self._workers)
             if isinstance(exc, Exception):
-                raise BrokenPortalPool(f"a worker failed to start: {exc!r}") from exc
+                raise BrokenPortalPool(f"a worker failed to start: {safe_repr(exc)}") from exc
             raise
 
     def __repr__(self) -> str:
@@ -184,7 +186,7 @@ class PortalPool(Executor, Generic[C]):
         index = self._scheduler.choose(self._loads)
         if not 0 <= index < len(self._workers):
             raise ValueError(
-                f"the scheduler chose worker {index!r}; it must return an index in "
+                f"the scheduler chose worker {safe_repr(index)}; it must return an index in "
                 f"range({len(self._workers)})"
             )
         return self._workers[index]

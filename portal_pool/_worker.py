@@ -19,7 +19,7 @@ import anyio
 from anyio.from_thread import BlockingPortal
 from anyio.lowlevel import EventLoopToken, current_token
 
-from ._exceptions import BrokenPortalPool
+from ._exceptions import BrokenPortalPool, safe_repr
 from ._flow import SHUTDOWN_MESSAGE, PendingLimit
 from ._future import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, TaskFuture
 from ._runtime import Runtime, make_runtime
@@ -79,7 +79,7 @@ def check_callable(fn: object) -> None:
             f"expected a callable but got an async generator object; "
             f"{_ITERATE_IT.format(getattr(fn, '__name__', 'agen'))}"
         )
-    raise TypeError(f"expected a callable, got {type(fn).__name__} {fn!r}")
+    raise TypeError(f"expected a callable, got {type(fn).__name__} {safe_repr(fn)}")
 
 
 _ITERATE_IT = (
@@ -529,7 +529,9 @@ class Worker(Generic[C_co]):
                 if future._state == PENDING:
                     self._requeue(future)
         if runtime is not None and failure is not None:
-            broken = BrokenPortalPool(f"worker {self._index}'s event loop failed: {failure!r}")
+            broken = BrokenPortalPool(
+                f"worker {self._index}'s event loop failed: {safe_repr(failure)}"
+            )
             for future in runtime.unfinished():
                 future._settle_broken(broken)
         return failure, runtime is not None

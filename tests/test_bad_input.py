@@ -149,6 +149,30 @@ def test_worker_context_failure_breaks_the_pool_and_leaves_no_thread(
     assert entered == exited == [1]  # the worker that did start was unwound
 
 
+class Unprintable(Exception):
+    """An error whose repr() and str() fail, as a broken third-party exception's can."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr() of the error failed")
+
+    __str__ = __repr__
+
+
+def test_worker_context_error_whose_repr_fails(backend_kwargs: dict[str, Any]) -> None:
+    @asynccontextmanager
+    async def unprintable() -> AsyncIterator[None]:
+        raise Unprintable
+        yield
+
+    before = set(threading.enumerate())
+    with pytest.raises(
+        BrokenPortalPool, match=r"<Unprintable object, whose repr\(\) failed>"
+    ) as info:
+        PortalPool(2, worker_context=unprintable, **backend_kwargs)
+    assert isinstance(info.value.__cause__, Unprintable)
+    assert set(threading.enumerate()) <= before
+
+
 def test_worker_context_not_an_async_context_manager(backend_kwargs: dict[str, Any]) -> None:
     with pytest.raises(BrokenPortalPool, match="asynccontextmanager"):
         PortalPool(1, worker_context=lambda: "not a manager", **backend_kwargs)  # type: ignore[arg-type,return-value]

@@ -114,3 +114,34 @@ def test_a_worker_that_cannot_restart_is_broken_not_spinning(
         worker.submit(anyio.sleep, 0)
     pool.shutdown()
     assert entries == 2
+
+
+class Unprintable(Exception):
+    def __repr__(self) -> str:
+        raise RuntimeError("repr() of the error failed")
+
+    __str__ = __repr__
+
+
+def test_a_loop_failure_whose_repr_fails_is_still_supervised(
+    backend_kwargs: dict[str, Any], pool_log: RecordEvents
+) -> None:
+    entries = 0
+
+    @asynccontextmanager
+    async def fails_after_its_body() -> AsyncIterator[anyio.CancelScope]:
+        nonlocal entries
+        entries += 1
+        with anyio.CancelScope() as body:
+            yield body
+        raise Unprintable  # the loop fails with an error that cannot be described
+
+    with PortalPool(1, worker_context=fails_after_its_body, **backend_kwargs) as pool:
+        pool.run(lambda: current_worker().context.cancel())
+        assert pool_log.arrived.wait(10)  # the restart's warning
+        assert pool.run(lambda: "serving") == "serving"  # on the replacement loop
+        assert entries == 2
+        assert pool.stats().restarts == 1
+    failure = next(r for r in pool_log.records if "restarting" in r.getMessage())
+    assert failure.exc_info is not None
+    assert isinstance(failure.exc_info[1], Unprintable)
