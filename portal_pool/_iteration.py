@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from concurrent.futures import Future
 from itertools import islice
 from typing import Any, TypeVar
@@ -51,18 +51,35 @@ def ordered_results(
     window: Window, submit: SubmitUnit, end_time: float | None, chunked: bool
 ) -> Iterator[Any]:
     """Results in input order (``Executor.map``); the first window is submitted now."""
-    futures = deque(submit(unit) for unit in window.first())
-    return _ordered(futures, window, submit, end_time, chunked)
+    return _primed(_ordered(window, submit, end_time, chunked))
+
+
+def unordered_results(window: Window, submit: SubmitUnit) -> Iterator[Any]:
+    """Results in completion order; the first window is submitted now."""
+    return _primed(_unordered(window, submit))
+
+
+def _primed(results: Generator[Any, None, None]) -> Generator[Any, None, None]:
+    """Run ``results`` to its first ``yield``: up to there, it submits the first window.
+
+    A generator that was never started runs no ``finally`` when it is closed or dropped.
+    Started here, it waits inside its ``try``, so an iterator dropped before its first
+    ``next()`` still cancels what it submitted. An error while the first window is
+    submitted (the input's own included) propagates from here, after that ``finally``
+    has cancelled what was already submitted.
+    """
+    next(results)
+    return results
 
 
 def _ordered(
-    futures: deque[Future[Any]],
-    window: Window,
-    submit: SubmitUnit,
-    end_time: float | None,
-    chunked: bool,
-) -> Iterator[Any]:
+    window: Window, submit: SubmitUnit, end_time: float | None, chunked: bool
+) -> Generator[Any, None, None]:
+    futures: deque[Future[Any]] = deque()
     try:
+        for unit in window.first():
+            futures.append(submit(unit))
+        yield None  # primed: see _primed
         while futures:
             unit = window.next_unit()
             if unit is not None:
@@ -79,8 +96,7 @@ def _ordered(
             future.cancel()
 
 
-def unordered_results(window: Window, submit: SubmitUnit) -> Iterator[Any]:
-    """Results in completion order; the first window is submitted now."""
+def _unordered(window: Window, submit: SubmitUnit) -> Generator[Any, None, None]:
     # A SimpleQueue: done callbacks run in worker threads and only put into it.
     finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
     outstanding: set[Future[Any]] = set()
@@ -93,20 +109,7 @@ def unordered_results(window: Window, submit: SubmitUnit) -> Iterator[Any]:
     try:
         for unit in window.first():
             track(unit)
-    except BaseException:
-        for future in outstanding:
-            future.cancel()
-        raise
-    return _unordered(window, track, outstanding, finished)
-
-
-def _unordered(
-    window: Window,
-    track: Callable[[Any], None],
-    outstanding: set[Future[Any]],
-    finished: queue.SimpleQueue[Future[Any]],
-) -> Iterator[Any]:
-    try:
+        yield None  # primed: see _primed
         while outstanding:
             taken = [_next_finished(finished)]  # a list: no future is a local at the yield
             outstanding.discard(taken[0])

@@ -311,8 +311,9 @@ class PortalPool(Executor, Generic[C]):
         Results come in input order. With ``buffersize``, at most that many units of
         work (items, or chunks when ``chunksize > 1``) are in flight, and the input is
         read lazily. With ``chunksize > 1``, each chunk is one task and one future whose
-        items run concurrently in one worker's loop. Leaving the iterator early, or a
-        timeout, cancels the outstanding work.
+        items run concurrently in one worker's loop. The first window is submitted by the
+        call itself. Leaving the iterator early (dropping it counts, even before its first
+        ``next()``), a timeout, or an error from the input cancels the outstanding work.
 
         :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
         :raises ValueError: for ``chunksize < 1``, ``buffersize < 1`` or ``timeout < 0``

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -144,3 +144,122 @@ def test_bad_arguments(
     pool = make_pool(1)
     with pytest.raises(error, match=message):
         pool.map(square, range(3), **kwargs)
+
+
+class Blocking:
+    """A task body that waits until cancelled; counts the tasks that started and ended."""
+
+    def __init__(self) -> None:
+        self.started = threading.Semaphore(0)
+        self.ended = threading.Semaphore(0)
+
+    async def __call__(self, n: int) -> int:
+        try:
+            self.started.release()
+            await anyio.sleep(3600)
+        finally:
+            self.ended.release()
+        return n
+
+    def wait_started(self, count: int) -> None:
+        for _ in range(count):
+            assert self.started.acquire(timeout=10), "a task never started"
+
+    def wait_ended(self, count: int) -> None:
+        for _ in range(count):
+            assert self.ended.acquire(timeout=10), "a task kept running: nothing cancelled it"
+
+
+# The sync maps, which submit their first window when called (as Executor.map does):
+# how to call each, and how many of its tasks then run.
+EAGER_MAPS: dict[str, tuple[Callable[[PortalPool[Any], Blocking, Iterable[int]], object], int]] = {
+    "ordered": (lambda pool, fn, items: pool.map(fn, items), 6),
+    "chunked": (lambda pool, fn, items: pool.map(fn, items, chunksize=2), 6),
+    "buffered": (lambda pool, fn, items: pool.map(fn, items, buffersize=4), 4),
+    "chunked buffered": (lambda pool, fn, items: pool.map(fn, items, chunksize=2, buffersize=2), 4),
+    "unordered": (lambda pool, fn, items: pool.map_unordered(fn, items), 6),
+    "unordered buffered": (lambda pool, fn, items: pool.map_unordered(fn, items, buffersize=4), 4),
+}
+
+
+@pytest.mark.parametrize("kind", EAGER_MAPS)
+def test_dropping_the_iterator_before_its_first_next_cancels_its_work(
+    make_pool: MakePool, kind: str
+) -> None:
+    start, running = EAGER_MAPS[kind]
+    pool = make_pool(2)
+    blocking = Blocking()
+    results = start(pool, blocking, range(6))
+    blocking.wait_started(running)
+    del results
+    gc.collect()
+    blocking.wait_ended(running)
+
+
+def test_an_unstarted_iterator_does_not_keep_the_pool_alive(backend_kwargs: dict[str, Any]) -> None:
+    pool = PortalPool(1, **backend_kwargs)
+    threads = [w._thread for w in pool.workers]
+    pool_ref = weakref.ref(pool)
+    results = pool.map(square, range(3))
+    del pool
+    gc.collect()
+    assert pool_ref() is None
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert list(results) == [0, 1, 4]  # submitted before the pool went: they ran
+
+
+@pytest.mark.parametrize("kind", EAGER_MAPS)
+def test_an_input_error_in_the_first_window_cancels_what_was_submitted(
+    make_pool: MakePool, kind: str
+) -> None:
+    start, _ = EAGER_MAPS[kind]
+    pool = make_pool(2)
+    blocking = Blocking()
+
+    def failing_input() -> Iterator[int]:
+        yield from range(2)  # one chunk of two, or two items: within every first window
+        blocking.wait_started(2)  # they run: only a cancel can end them
+        raise LookupError("the input failed")
+
+    with pytest.raises(LookupError, match="the input failed"):
+        start(pool, blocking, failing_input())
+    blocking.wait_ended(2)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+async def test_async_maps_start_nothing_before_the_first_anext(
+    make_pool: MakePool, ordered: bool
+) -> None:
+    pool = make_pool(1)
+    source = CountingSource(10)
+    results = (pool.map_async if ordered else pool.map_unordered_async)(square, source)
+    del results
+    gc.collect()
+    assert source.consumed == 0
+    assert pool.stats().completed == pool.stats().pending == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+# trio warns about the dropped generator (the docs say to use aclosing), then closes it.
+@pytest.mark.filterwarnings("ignore:Async generator .* was garbage collected:ResourceWarning")
+async def test_dropping_a_started_async_map_cancels_its_work(
+    make_pool: MakePool, ordered: bool
+) -> None:
+    pool = make_pool(2)
+    blocking = Blocking()
+
+    async def first_fast(n: int) -> int:
+        return n if n == 0 else await blocking(n)
+
+    results = (pool.map_async if ordered else pool.map_unordered_async)(
+        first_fast, range(5), buffersize=4
+    )
+    assert await results.__anext__() == 0  # item 4 is submitted as the result is taken
+    await anyio.to_thread.run_sync(blocking.wait_started, 4)
+    del results
+    gc.collect()  # the caller's loop closes the dropped generator (its asyncgen hooks)
+    await anyio.to_thread.run_sync(blocking.wait_ended, 4)
