@@ -571,7 +571,18 @@ class Worker(Generic[C_co]):
                     # supervisor closes whatever was made.
                     runtime = make_runtime(self._backend, self)
                     await runtime.serve(lambda: self._accept_work(runtime))
-            if not self._ready.done():
+            with self._lock:
+                stopping = self._stop_request is not None
+            if not stopping:
+                # serve() returns only when stopped, so the worker_context ended its own
+                # body: a cancel scope or timeout around its yield caught the cancellation
+                # it sent, or it swallowed an error. A failure, for the supervisor.
+                self._failure = RuntimeError(
+                    f"worker {self._index}'s worker_context ended before the pool stopped "
+                    f"it; a cancel scope, timeout or exception handler around its yield "
+                    f"must not end its body"
+                )
+            elif not self._ready.done():
                 self._ready.set_exception(
                     BrokenPortalPool(f"worker {self._index} was stopped while starting")
                 )

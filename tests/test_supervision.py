@@ -116,6 +116,43 @@ def test_a_worker_that_cannot_restart_is_broken_not_spinning(
     assert entries == 2
 
 
+def test_a_worker_context_that_ends_on_its_own_is_logged_and_replaced(
+    backend_kwargs: dict[str, Any], pool_log: RecordEvents
+) -> None:
+    entries = 0
+
+    @asynccontextmanager
+    async def ends_itself() -> AsyncIterator[anyio.CancelScope]:
+        nonlocal entries
+        entries += 1
+        # Its cancel catches the cancellation it sends into the worker: the body ends
+        # without an error and without a stop request, as a timeout around it would.
+        with anyio.CancelScope() as body:
+            yield body
+
+    started = threading.Event()
+
+    async def bystander() -> None:
+        started.set()
+        await anyio.sleep(3600)
+
+    with PortalPool(1, worker_context=ends_itself, **backend_kwargs) as pool:
+        running = pool.submit(bystander)
+        assert started.wait(10)
+        pool.run(lambda: current_worker().context.cancel())
+        assert pool_log.arrived.wait(10)  # the restart's warning
+        done, _ = wait([running], timeout=10)
+        assert done  # it ended with the loop that ran it
+        assert running.cancelled() or isinstance(running.exception(), BrokenPortalPool)
+        assert pool.run(lambda: "serving") == "serving"  # on the replacement loop
+        assert entries == 2
+        assert pool.stats().restarts == 1
+    [record] = [r for r in pool_log.records if "restarting" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is not None
+    assert "worker_context ended before the pool stopped it" in str(record.exc_info[1])
+
+
 class Unprintable(Exception):
     def __repr__(self) -> str:
         raise RuntimeError("repr() of the error failed")
