@@ -85,9 +85,9 @@ def _ordered(
             if unit is not None:
                 futures.append(submit(unit))
             if not chunked:
-                yield result_or_cancel(futures.popleft(), end_time)
+                yield _take_oldest(futures, end_time)
                 continue
-            outcomes: list[Outcome] = result_or_cancel(futures.popleft(), end_time)
+            outcomes: list[Outcome] = _take_oldest(futures, end_time)
             outcomes.reverse()
             while outcomes:
                 yield unwrap(outcomes.pop())
@@ -102,8 +102,9 @@ def _unordered(window: Window, submit: SubmitUnit) -> Generator[Any, None, None]
     outstanding: set[Future[Any]] = set()
 
     def track(unit: Any) -> None:
-        future = submit(unit)
-        outstanding.add(future)
+        # One statement: no line between the submit and the record, where a Ctrl-C could
+        # land and leave a task that nothing cancels.
+        outstanding.add(future := submit(unit))
         future.add_done_callback(finished.put)
 
     try:
@@ -116,7 +117,7 @@ def _unordered(window: Window, submit: SubmitUnit) -> Generator[Any, None, None]
             unit = window.next_unit()
             if unit is not None:
                 track(unit)
-            yield result_or_cancel(taken.pop(), None)
+            yield result_of(taken.pop())
     finally:
         for future in outstanding:
             future.cancel()
@@ -133,7 +134,7 @@ async def ordered_results_async(window: Window, submit: SubmitUnitAsync) -> Asyn
             if unit is not None:
                 futures.append(await submit(unit))
             await wait_future(futures[0])
-            yield result_or_cancel(futures.popleft(), None)
+            yield result_of(futures.popleft())
     finally:
         for future in futures:
             future.cancel()
@@ -166,7 +167,7 @@ async def unordered_results_async(window: Window, submit: SubmitUnitAsync) -> As
             unit = window.next_unit()
             if unit is not None:
                 await track(unit)
-            yield result_or_cancel(finished.popleft(), None)
+            yield result_of(finished.popleft())
     finally:
         for future in outstanding:
             future.cancel()
@@ -181,15 +182,24 @@ def _next_finished(finished: queue.SimpleQueue[Future[Any]]) -> Future[Any]:
             continue
 
 
-def result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
-    """The future's result; if waiting fails (timeout, Ctrl-C), cancel it first."""
+def _take_oldest(futures: deque[Future[Any]], end_time: float | None) -> Any:
+    """The oldest future's result; only then is the future dropped from ``futures``.
+
+    Popped first, it would be in no one's hands while it is waited for: an error there
+    (a timeout, or a Ctrl-C at any line) must leave it for the map's ``finally`` to cancel.
+    """
+    if end_time is None:
+        value = futures[0].result()
+    else:
+        value = futures[0].result(end_time - time.monotonic())
+    futures.popleft()
+    return value
+
+
+def result_of(future: Future[Any]) -> Any:
+    """A finished future's result, or its error raised."""
     try:
-        if end_time is None:
-            return future.result()
-        return future.result(end_time - time.monotonic())
-    except BaseException:
-        future.cancel()
-        raise
+        return future.result()
     finally:
         del future  # the traceback of a raised error would keep it otherwise
 

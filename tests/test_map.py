@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gc
+import inspect
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -172,7 +175,9 @@ class Blocking:
 
 # The sync maps, which submit their first window when called (as Executor.map does):
 # how to call each, and how many of its tasks then run.
-EAGER_MAPS: dict[str, tuple[Callable[[PortalPool[Any], Blocking, Iterable[int]], object], int]] = {
+EAGER_MAPS: dict[
+    str, tuple[Callable[[PortalPool[Any], Callable[[int], Any], Iterable[int]], Iterator[Any]], int]
+] = {
     "ordered": (lambda pool, fn, items: pool.map(fn, items), 6),
     "chunked": (lambda pool, fn, items: pool.map(fn, items, chunksize=2), 6),
     "buffered": (lambda pool, fn, items: pool.map(fn, items, buffersize=4), 4),
@@ -263,3 +268,98 @@ async def test_dropping_a_started_async_map_cancels_its_work(
     del results
     gc.collect()  # the caller's loop closes the dropped generator (its asyncgen hooks)
     await anyio.to_thread.run_sync(blocking.wait_ended, 4)
+
+
+class InterruptAt:
+    """A tracer: raise KeyboardInterrupt, as a Ctrl-C would, at the nth point of the given
+    file that this thread reaches. Python runs a signal's handler at a function's entry,
+    or after a call, between lines; the points are function entries and line starts.
+    """
+
+    def __init__(self, filename: str, nth: int) -> None:
+        self._filename = filename
+        self._left = nth
+        self.fired = False
+        self._disarmed = False
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename != self._filename or self.fired or self._disarmed:
+            return None
+        if event == "exception":
+            # Some other error (a timeout) is on its way out: a Ctrl-C now would be a
+            # second fault, hitting the clean-up of the first.
+            self._disarmed = True
+            return None
+        # A generator resumed is a "call" too, but an error raised by the tracer there
+        # skips the generator's handlers, which a real Ctrl-C would not; its first line
+        # stands for it.
+        resumed = event == "call" and frame.f_code.co_flags & inspect.CO_GENERATOR
+        if event in ("call", "line") and not resumed:
+            if self._left:
+                self._left -= 1
+            else:
+                self.fired = True
+                raise KeyboardInterrupt
+        return self
+
+
+async def forever(n: int) -> int:
+    await anyio.sleep(3600)
+    return n
+
+
+async def two_fast_then_forever(n: int) -> int:
+    return n if n < 2 else await forever(n)
+
+
+# Maps whose first next() ends on its own: a timeout, or the result of item 0 or 1.
+FIRST_NEXT_ENDS: dict[str, Callable[[PortalPool[Any], Iterable[int]], Iterator[Any]]] = {
+    "ordered": lambda pool, items: pool.map(forever, items, timeout=0.1),
+    "chunked": lambda pool, items: pool.map(forever, items, chunksize=2, timeout=0.1),
+    "buffered": lambda pool, items: pool.map(forever, items, buffersize=4, timeout=0.1),
+    "chunked buffered": lambda pool, items: pool.map(
+        forever, items, chunksize=2, buffersize=2, timeout=0.1
+    ),
+    "unordered": lambda pool, items: pool.map_unordered(two_fast_then_forever, items),
+    "unordered buffered": lambda pool, items: pool.map_unordered(
+        two_fast_then_forever, items, buffersize=4
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", FIRST_NEXT_ENDS)
+def test_ctrl_c_at_any_point_of_next_leaves_no_task_running(make_pool: MakePool, kind: str) -> None:
+    import portal_pool._iteration
+
+    start = FIRST_NEXT_ENDS[kind]
+    pool = make_pool(2)
+    submitted: list[Future[Any]] = []
+    submit = pool.submit
+
+    def recording_submit(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future = submit(fn, *args)
+        submitted.append(future)
+        return future
+
+    pool.submit = recording_submit  # type: ignore[method-assign,assignment]  # the maps call it
+    nth = 0
+    while True:  # a Ctrl-C at the first point that next() reaches, then the second, ...
+        results = start(pool, range(6))
+        tracer = InterruptAt(portal_pool._iteration.__file__, nth)
+        sys.settrace(tracer)
+        try:
+            next(results)
+        except (KeyboardInterrupt, FutureTimeout):
+            pass
+        finally:
+            sys.settrace(None)
+        if not tracer.fired:
+            break  # next() ended before its nth point
+        # Every future is done: cancelled by the map, or (item 0 or 1) finished.
+        _, not_done = wait(submitted, timeout=10)
+        assert not not_done, f"a Ctrl-C at point {nth} of next() left a task running"
+        del results
+        submitted.clear()
+        nth += 1
+    assert nth > 2
+    del results
