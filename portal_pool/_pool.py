@@ -153,12 +153,20 @@ class PortalPool(Executor, Generic[C]):
                 worker._start()
             for worker in self._workers:
                 wait_in_slices(partial(_resolved, worker._ready))
-                worker._ready.result()
+                # A worker's failure, whatever its type, is the worker's: a CancelledError
+                # or KeyboardInterrupt from its worker_context must not reach the caller
+                # as if the caller had been cancelled or interrupted.
+                failure = worker._ready.exception()
+                if failure is not None:
+                    raise BrokenPortalPool(
+                        f"a worker failed to start: {safe_repr(failure)}"
+                    ) from failure
         except BaseException as exc:
             # Ctrl-C during startup, or a worker that could not start: leave nothing.
             _stop_workers(self._workers, True)
             _join_workers(self._workers)
-            if isinstance(exc, Exception):
+            if isinstance(exc, Exception) and not isinstance(exc, BrokenPortalPool):
+                # No thread could be started, say.
                 raise BrokenPortalPool(f"a worker failed to start: {safe_repr(exc)}") from exc
             raise
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import subprocess
 import sys
@@ -147,6 +148,30 @@ def test_worker_context_failure_breaks_the_pool_and_leaves_no_thread(
     assert isinstance(info.value.__cause__, ConnectionError)
     assert set(threading.enumerate()) <= before
     assert entered == exited == [1]  # the worker that did start was unwound
+
+
+class Abort(BaseException):
+    pass
+
+
+@pytest.mark.parametrize(
+    "error", [Abort, KeyboardInterrupt, SystemExit, asyncio.CancelledError], ids=repr
+)
+def test_worker_context_base_exception_is_the_workers_failure(
+    backend_kwargs: dict[str, Any], error: type[BaseException]
+) -> None:
+    @asynccontextmanager
+    async def raising() -> AsyncIterator[None]:
+        raise error("raised by the worker_context")
+        yield
+
+    before = set(threading.enumerate())
+    # Not re-raised as is: a CancelledError or KeyboardInterrupt here would look like the
+    # caller's own cancellation or Ctrl-C.
+    with pytest.raises(BrokenPortalPool, match="raised by the worker_context") as info:
+        PortalPool(2, worker_context=raising, **backend_kwargs)
+    assert type(info.value.__cause__) is error
+    assert set(threading.enumerate()) <= before
 
 
 class Unprintable(Exception):
