@@ -12,7 +12,13 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import partial
-from inspect import isasyncgen, isasyncgenfunction, iscoroutine
+from inspect import (
+    CORO_CREATED,
+    getcoroutinestate,
+    isasyncgen,
+    isasyncgenfunction,
+    iscoroutine,
+)
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import anyio
@@ -68,7 +74,10 @@ def check_callable(fn: object) -> None:
         return
     if iscoroutine(fn):
         name = getattr(fn, "__name__", "fn")
-        fn.close()  # no "coroutine was never awaited" warning for the caller's mistake
+        # No "coroutine was never awaited" warning for the caller's mistake. Only one that
+        # never ran warns; closing one that did would throw into whoever is running it.
+        if getcoroutinestate(fn) == CORO_CREATED:
+            fn.close()
         raise TypeError(
             f"expected a callable but got a coroutine object; pass the function and "
             f"its arguments instead, e.g. submit({name}, arg) rather than "

@@ -64,6 +64,24 @@ def test_coroutine_object_is_rejected_and_closed(make_pool: MakePool) -> None:
     assert kept.result(timeout=10) is None  # earlier work is unaffected
 
 
+def test_a_running_coroutine_is_rejected_and_left_alone(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    errors: list[BaseException] = []
+
+    async def submits_itself() -> None:
+        try:
+            pool.submit(coroutine)  # type: ignore[call-overload]
+        except BaseException as exc:
+            errors.append(exc)
+
+    coroutine = submits_itself()
+    with pytest.raises(StopIteration):
+        coroutine.send(None)  # driven by hand: running while it calls submit
+    assert len(errors) == 1
+    assert isinstance(errors[0], TypeError)  # not the ValueError of closing a running one
+    assert "coroutine object" in str(errors[0])
+
+
 async def numbers(count: int) -> AsyncIterator[int]:
     for number in range(count):
         yield number
