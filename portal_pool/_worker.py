@@ -41,6 +41,11 @@ logger = logging.getLogger("portal_pool")
 
 _thread_state = threading.local()
 
+# A worker whose loop fails again after this many restarts within this many seconds is
+# broken rather than restarted: its failure comes back as soon as it starts.
+RESTART_BURST = 5
+RESTART_WINDOW = 1.0
+
 
 def current_worker() -> Worker[Any]:
     """Return the worker whose event loop runs the calling code.
@@ -477,20 +482,39 @@ class Worker(Generic[C_co]):
         try:
             # Supervision: a loop that dies on its own (not stopped by us) is replaced by
             # a new loop, portal and worker_context; queued work waits for it. A loop that
-            # cannot even start again leaves the worker broken rather than spinning.
+            # cannot even start again, or keeps failing as soon as it starts (a
+            # worker_context that fails or ends at once), leaves the worker broken rather
+            # than spinning.
+            restarted: deque[float] = deque(maxlen=RESTART_BURST)  # their times
             while True:
                 failure, accepted = self._run_one_loop()
                 with self._lock:
                     stopping = self._stop_request is not None
-                if failure is None or stopping or not accepted:
-                    break
-                self._restarts += 1
-                logger.warning(
-                    "worker %d's event loop failed; restarting it (restart %d)",
+                if failure is None or stopping or (not accepted and not restarted):
+                    break  # stopped, or a failed start, which PortalPool(...) reports
+                now = time.monotonic()
+                if not accepted:
+                    why = "failed and its replacement could not start"
+                elif len(restarted) == RESTART_BURST and now - restarted[0] < RESTART_WINDOW:
+                    why = f"failed again after {RESTART_BURST} restarts in {RESTART_WINDOW:g} s"
+                else:
+                    restarted.append(now)
+                    self._restarts += 1
+                    logger.warning(
+                        "worker %d's event loop failed; restarting it (restart %d)",
+                        self._index,
+                        self._restarts,
+                        exc_info=failure,
+                    )
+                    continue
+                logger.error(
+                    "worker %d's event loop %s; the worker is broken: work sent to it "
+                    "fails with BrokenPortalPool",
                     self._index,
-                    self._restarts,
+                    why,
                     exc_info=failure,
                 )
+                break
         finally:
             with self._lock:
                 self._closed = True

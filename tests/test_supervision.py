@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import wait
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import pytest
 
+import portal_pool._worker
 from portal_pool import BrokenPortalPool, PortalPool, current_worker
+from portal_pool._worker import RESTART_BURST, RESTART_WINDOW
 
 from .faults import kill_current_loop
 
@@ -93,7 +97,7 @@ def test_work_queued_during_a_restart_is_not_lost(backend_kwargs: dict[str, Any]
 
 
 def test_a_worker_that_cannot_restart_is_broken_not_spinning(
-    backend_kwargs: dict[str, Any],
+    backend_kwargs: dict[str, Any], pool_log: RecordEvents
 ) -> None:
     entries = 0
 
@@ -114,6 +118,58 @@ def test_a_worker_that_cannot_restart_is_broken_not_spinning(
         worker.submit(anyio.sleep, 0)
     pool.shutdown()
     assert entries == 2
+    [record] = [r for r in pool_log.records if r.levelno == logging.ERROR]
+    assert "its replacement could not start; the worker is broken" in record.getMessage()
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], ConnectionError)
+
+
+def ends_at_once_counting(entered: list[int]) -> Callable[[], Any]:
+    """A worker_context that ends its body at the worker's first wait, every time."""
+
+    @asynccontextmanager
+    async def ends_at_once() -> AsyncIterator[None]:
+        entered.append(1)
+        with anyio.CancelScope() as body:
+            body.cancel()
+            yield
+
+    return ends_at_once
+
+
+def test_a_loop_that_fails_at_once_again_and_again_leaves_the_worker_broken(
+    backend_kwargs: dict[str, Any], pool_log: RecordEvents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(portal_pool._worker, "time", SimpleNamespace(monotonic=lambda: 0.0))
+    entered: list[int] = []
+    pool = PortalPool(1, worker_context=ends_at_once_counting(entered), **backend_kwargs)
+    worker = pool.workers[0]
+    worker._thread.join(10)
+    assert not worker._thread.is_alive()  # it gave up instead of spinning
+    with pytest.raises(BrokenPortalPool):
+        pool.submit(anyio.sleep, 0)
+    pool.shutdown()
+    assert pool.stats().restarts == RESTART_BURST
+    assert len(entered) == RESTART_BURST + 1
+    [record] = [r for r in pool_log.records if r.levelno == logging.ERROR]
+    assert f"failed again after {RESTART_BURST} restarts" in record.getMessage()
+
+
+def test_failures_spread_over_time_are_each_restarted(
+    backend_kwargs: dict[str, Any], pool_log: RecordEvents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticks = itertools.count()
+    clock = SimpleNamespace(monotonic=lambda: next(ticks) * RESTART_WINDOW)  # each a window apart
+    monkeypatch.setattr(portal_pool._worker, "time", clock)
+    entered: list[int] = []
+    many = RESTART_BURST + 3
+    restarted = threading.Semaphore(0)
+    pool_log.emit = lambda record: restarted.release()  # type: ignore[method-assign]
+    pool = PortalPool(1, worker_context=ends_at_once_counting(entered), **backend_kwargs)
+    for _ in range(many):
+        assert restarted.acquire(timeout=10)
+    pool.shutdown()
+    assert pool.stats().restarts >= many
 
 
 def test_a_worker_context_that_ends_on_its_own_is_logged_and_replaced(
