@@ -13,12 +13,14 @@ from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import partial
 from inspect import (
+    CO_ASYNC_GENERATOR,
     CORO_CREATED,
     getcoroutinestate,
     isasyncgen,
     isasyncgenfunction,
     iscoroutine,
 )
+from types import FunctionType
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import anyio
@@ -70,8 +72,13 @@ def check_callable(fn: object) -> None:
     if callable(fn):
         # A task awaits what the call returns if that is awaitable; an async generator
         # is not, so its body would never run. isasyncgenfunction also sees through
-        # bound methods and functools.partial.
-        if isasyncgenfunction(fn):
+        # bound methods and functools.partial; a plain function, the common case on
+        # every submit, is read directly at a third of the cost.
+        if (
+            fn.__code__.co_flags & CO_ASYNC_GENERATOR
+            if isinstance(fn, FunctionType)
+            else isasyncgenfunction(fn)
+        ):
             raise TypeError(
                 f"{_name_of(fn)} is an async generator function: a task would create the "
                 f"generator and never run it; {_ITERATE_IT.format(_name_of(fn))}"
