@@ -235,6 +235,25 @@ def test_an_input_error_in_the_first_window_cancels_what_was_submitted(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+async def test_an_input_error_in_an_async_maps_first_window_cancels_what_was_submitted(
+    make_pool: MakePool, ordered: bool
+) -> None:
+    pool = make_pool(2)
+    blocking = Blocking()
+
+    def failing_input() -> Iterator[int]:
+        yield from range(2)
+        blocking.wait_started(2)  # blocks the caller's loop a moment; the pool's run
+        raise LookupError("the input failed")
+
+    results = (pool.map_async if ordered else pool.map_unordered_async)(blocking, failing_input())
+    with pytest.raises(LookupError, match="the input failed"):
+        await results.__anext__()
+    await anyio.to_thread.run_sync(blocking.wait_ended, 2)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
 async def test_async_maps_start_nothing_before_the_first_anext(
     make_pool: MakePool, ordered: bool
 ) -> None:
