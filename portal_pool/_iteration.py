@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from concurrent.futures import Future
 from itertools import islice
 from typing import Any, TypeVar
@@ -51,26 +51,43 @@ def ordered_results(
     window: Window, submit: SubmitUnit, end_time: float | None, chunked: bool
 ) -> Iterator[Any]:
     """Results in input order (``Executor.map``); the first window is submitted now."""
-    futures = deque(submit(unit) for unit in window.first())
-    return _ordered(futures, window, submit, end_time, chunked)
+    return _primed(_ordered(window, submit, end_time, chunked))
+
+
+def unordered_results(window: Window, submit: SubmitUnit) -> Iterator[Any]:
+    """Results in completion order; the first window is submitted now."""
+    return _primed(_unordered(window, submit))
+
+
+def _primed(results: Generator[Any, None, None]) -> Generator[Any, None, None]:
+    """Run ``results`` to its first ``yield``: up to there, it submits the first window.
+
+    A generator that was never started runs no ``finally`` when it is closed or dropped.
+    Started here, it waits inside its ``try``, so an iterator dropped before its first
+    ``next()`` still cancels what it submitted. An error while the first window is
+    submitted (the input's own included) propagates from here, after that ``finally``
+    has cancelled what was already submitted.
+    """
+    next(results)
+    return results
 
 
 def _ordered(
-    futures: deque[Future[Any]],
-    window: Window,
-    submit: SubmitUnit,
-    end_time: float | None,
-    chunked: bool,
-) -> Iterator[Any]:
+    window: Window, submit: SubmitUnit, end_time: float | None, chunked: bool
+) -> Generator[Any, None, None]:
+    futures: deque[Future[Any]] = deque()
     try:
+        for unit in window.first():
+            futures.append(submit(unit))
+        yield None  # primed: see _primed
         while futures:
             unit = window.next_unit()
             if unit is not None:
                 futures.append(submit(unit))
             if not chunked:
-                yield result_or_cancel(futures.popleft(), end_time)
+                yield _take_oldest(futures, end_time)
                 continue
-            outcomes: list[Outcome] = result_or_cancel(futures.popleft(), end_time)
+            outcomes: list[Outcome] = _take_oldest(futures, end_time)
             outcomes.reverse()
             while outcomes:
                 yield unwrap(outcomes.pop())
@@ -79,41 +96,28 @@ def _ordered(
             future.cancel()
 
 
-def unordered_results(window: Window, submit: SubmitUnit) -> Iterator[Any]:
-    """Results in completion order; the first window is submitted now."""
+def _unordered(window: Window, submit: SubmitUnit) -> Generator[Any, None, None]:
     # A SimpleQueue: done callbacks run in worker threads and only put into it.
     finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
     outstanding: set[Future[Any]] = set()
 
     def track(unit: Any) -> None:
-        future = submit(unit)
-        outstanding.add(future)
+        # One statement: no line between the submit and the record, where a Ctrl-C could
+        # land and leave a task that nothing cancels.
+        outstanding.add(future := submit(unit))
         future.add_done_callback(finished.put)
 
     try:
         for unit in window.first():
             track(unit)
-    except BaseException:
-        for future in outstanding:
-            future.cancel()
-        raise
-    return _unordered(window, track, outstanding, finished)
-
-
-def _unordered(
-    window: Window,
-    track: Callable[[Any], None],
-    outstanding: set[Future[Any]],
-    finished: queue.SimpleQueue[Future[Any]],
-) -> Iterator[Any]:
-    try:
+        yield None  # primed: see _primed
         while outstanding:
             taken = [_next_finished(finished)]  # a list: no future is a local at the yield
             outstanding.discard(taken[0])
             unit = window.next_unit()
             if unit is not None:
                 track(unit)
-            yield result_or_cancel(taken.pop(), None)
+            yield result_of(taken.pop())
     finally:
         for future in outstanding:
             future.cancel()
@@ -130,7 +134,7 @@ async def ordered_results_async(window: Window, submit: SubmitUnitAsync) -> Asyn
             if unit is not None:
                 futures.append(await submit(unit))
             await wait_future(futures[0])
-            yield result_or_cancel(futures.popleft(), None)
+            yield result_of(futures.popleft())
     finally:
         for future in futures:
             future.cancel()
@@ -163,7 +167,7 @@ async def unordered_results_async(window: Window, submit: SubmitUnitAsync) -> As
             unit = window.next_unit()
             if unit is not None:
                 await track(unit)
-            yield result_or_cancel(finished.popleft(), None)
+            yield result_of(finished.popleft())
     finally:
         for future in outstanding:
             future.cancel()
@@ -178,15 +182,24 @@ def _next_finished(finished: queue.SimpleQueue[Future[Any]]) -> Future[Any]:
             continue
 
 
-def result_or_cancel(future: Future[Any], end_time: float | None) -> Any:
-    """The future's result; if waiting fails (timeout, Ctrl-C), cancel it first."""
+def _take_oldest(futures: deque[Future[Any]], end_time: float | None) -> Any:
+    """The oldest future's result; only then is the future dropped from ``futures``.
+
+    Popped first, it would be in no one's hands while it is waited for: an error there
+    (a timeout, or a Ctrl-C at any line) must leave it for the map's ``finally`` to cancel.
+    """
+    if end_time is None:
+        value = futures[0].result()
+    else:
+        value = futures[0].result(end_time - time.monotonic())
+    futures.popleft()
+    return value
+
+
+def result_of(future: Future[Any]) -> Any:
+    """A finished future's result, or its error raised."""
     try:
-        if end_time is None:
-            return future.result()
-        return future.result(end_time - time.monotonic())
-    except BaseException:
-        future.cancel()
-        raise
+        return future.result()
     finally:
         del future  # the traceback of a raised error would keep it otherwise
 

@@ -26,7 +26,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 import anyio
 
 from ._backends import check_backend
-from ._exceptions import BrokenPortalPool
+from ._exceptions import BrokenPortalPool, safe_repr
 from ._flow import FORK_MESSAGE, SHUTDOWN_MESSAGE, PendingLimit
 from ._iteration import (
     Window,
@@ -106,9 +106,11 @@ class PortalPool(Executor, Generic[C]):
             )
         for name, value in (("max_concurrency", max_concurrency), ("max_pending", max_pending)):
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+                raise ValueError(f"{name} must be None or an integer >= 1, got {safe_repr(value)}")
         if stall_timeout is not None and not stall_timeout > 0:
-            raise ValueError(f"stall_timeout must be None or > 0 seconds, got {stall_timeout!r}")
+            raise ValueError(
+                f"stall_timeout must be None or > 0 seconds, got {safe_repr(stall_timeout)}"
+            )
         self._backend = backend
         self._run_chunk = run_chunk_trio if backend == "trio" else run_chunk_asyncio
         self._scheduler = make_scheduler(schedule)
@@ -151,13 +153,21 @@ class PortalPool(Executor, Generic[C]):
                 worker._start()
             for worker in self._workers:
                 wait_in_slices(partial(_resolved, worker._ready))
-                worker._ready.result()
+                # A worker's failure, whatever its type, is the worker's: a CancelledError
+                # or KeyboardInterrupt from its worker_context must not reach the caller
+                # as if the caller had been cancelled or interrupted.
+                failure = worker._ready.exception()
+                if failure is not None:
+                    raise BrokenPortalPool(
+                        f"a worker failed to start: {safe_repr(failure)}"
+                    ) from failure
         except BaseException as exc:
             # Ctrl-C during startup, or a worker that could not start: leave nothing.
             _stop_workers(self._workers, True)
             _join_workers(self._workers)
-            if isinstance(exc, Exception):
-                raise BrokenPortalPool(f"a worker failed to start: {exc!r}") from exc
+            if isinstance(exc, Exception) and not isinstance(exc, BrokenPortalPool):
+                # No thread could be started, say.
+                raise BrokenPortalPool(f"a worker failed to start: {safe_repr(exc)}") from exc
             raise
 
     def __repr__(self) -> str:
@@ -184,7 +194,7 @@ class PortalPool(Executor, Generic[C]):
         index = self._scheduler.choose(self._loads)
         if not 0 <= index < len(self._workers):
             raise ValueError(
-                f"the scheduler chose worker {index!r}; it must return an index in "
+                f"the scheduler chose worker {safe_repr(index)}; it must return an index in "
                 f"range({len(self._workers)})"
             )
         return self._workers[index]
@@ -309,8 +319,9 @@ class PortalPool(Executor, Generic[C]):
         Results come in input order. With ``buffersize``, at most that many units of
         work (items, or chunks when ``chunksize > 1``) are in flight, and the input is
         read lazily. With ``chunksize > 1``, each chunk is one task and one future whose
-        items run concurrently in one worker's loop. Leaving the iterator early, or a
-        timeout, cancels the outstanding work.
+        items run concurrently in one worker's loop. The first window is submitted by the
+        call itself. Leaving the iterator early (dropping it counts, even before its first
+        ``next()``), a timeout, or an error from the input cancels the outstanding work.
 
         :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
         :raises ValueError: for ``chunksize < 1``, ``buffersize < 1`` or ``timeout < 0``

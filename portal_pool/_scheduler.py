@@ -6,6 +6,8 @@ import random
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from ._exceptions import safe_repr
+
 __all__ = ["LeastLoaded", "RoundRobin", "Scheduler"]
 
 
@@ -77,6 +79,6 @@ def make_scheduler(schedule: str | Scheduler) -> Scheduler:
         hint = " (pass an instance, e.g. LeastLoaded())" if isinstance(schedule, type) else ""
         raise TypeError(
             f"schedule must be 'round_robin', 'least_loaded' or a Scheduler with a "
-            f"choose(loads) method, got {schedule!r}{hint}"
+            f"choose(loads) method, got {safe_repr(schedule)}{hint}"
         )
     return schedule

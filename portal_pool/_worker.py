@@ -12,14 +12,23 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from contextvars import ContextVar
-from inspect import iscoroutine
+from functools import partial
+from inspect import (
+    CO_ASYNC_GENERATOR,
+    CORO_CREATED,
+    getcoroutinestate,
+    isasyncgen,
+    isasyncgenfunction,
+    iscoroutine,
+)
+from types import FunctionType
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import anyio
 from anyio.from_thread import BlockingPortal
 from anyio.lowlevel import EventLoopToken, current_token
 
-from ._exceptions import BrokenPortalPool
+from ._exceptions import BrokenPortalPool, safe_repr
 from ._flow import FORK_MESSAGE, SHUTDOWN_MESSAGE, PendingLimit
 from ._future import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, TaskFuture
 from ._runtime import Runtime, make_runtime
@@ -41,6 +50,11 @@ _thread_state = threading.local()
 # wait for that same task can be refused instead of deadlocking.
 _task_worker: ContextVar[Worker[Any] | None] = ContextVar("portal_pool_task_worker", default=None)
 
+# A worker whose loop fails again after this many restarts within this many seconds is
+# broken rather than restarted: its failure comes back as soon as it starts.
+RESTART_BURST = 5
+RESTART_WINDOW = 1.0
+
 
 def current_worker() -> Worker[Any]:
     """Return the worker whose event loop runs the calling code.
@@ -57,18 +71,55 @@ def current_worker() -> Worker[Any]:
 
 
 def check_callable(fn: object) -> None:
-    """Reject what can't be submitted, before anything is queued."""
+    """Reject what can't be submitted, before anything is queued.
+
+    :raises TypeError: for anything but a callable, and for an async generator function,
+        whose call returns a generator without running any of its body
+    """
     if callable(fn):
+        # A task awaits what the call returns if that is awaitable; an async generator
+        # is not, so its body would never run. isasyncgenfunction also sees through
+        # bound methods and functools.partial; a plain function, the common case on
+        # every submit, is read directly at a third of the cost.
+        if (
+            fn.__code__.co_flags & CO_ASYNC_GENERATOR
+            if isinstance(fn, FunctionType)
+            else isasyncgenfunction(fn)
+        ):
+            raise TypeError(
+                f"{_name_of(fn)} is an async generator function: a task would create the "
+                f"generator and never run it; {_ITERATE_IT.format(_name_of(fn))}"
+            )
         return
     if iscoroutine(fn):
         name = getattr(fn, "__name__", "fn")
-        fn.close()  # no "coroutine was never awaited" warning for the caller's mistake
+        # No "coroutine was never awaited" warning for the caller's mistake. Only one that
+        # never ran warns; closing one that did would throw into whoever is running it.
+        if getcoroutinestate(fn) == CORO_CREATED:
+            fn.close()
         raise TypeError(
             f"expected a callable but got a coroutine object; pass the function and "
             f"its arguments instead, e.g. submit({name}, arg) rather than "
             f"submit({name}(arg))"
         )
-    raise TypeError(f"expected a callable, got {type(fn).__name__} {fn!r}")
+    if isasyncgen(fn):
+        raise TypeError(
+            f"expected a callable but got an async generator object; "
+            f"{_ITERATE_IT.format(getattr(fn, '__name__', 'agen'))}"
+        )
+    raise TypeError(f"expected a callable, got {type(fn).__name__} {safe_repr(fn)}")
+
+
+_ITERATE_IT = (
+    "submit a coroutine function that iterates it instead, e.g. "
+    "'async def collect(): return [x async for x in {0}(...)]'"
+)
+
+
+def _name_of(fn: object) -> str:
+    while isinstance(fn, partial):
+        fn = fn.func
+    return str(getattr(fn, "__name__", "fn"))
 
 
 class Worker(Generic[C_co]):
@@ -484,20 +535,39 @@ class Worker(Generic[C_co]):
         try:
             # Supervision: a loop that dies on its own (not stopped by us) is replaced by
             # a new loop, portal and worker_context; queued work waits for it. A loop that
-            # cannot even start again leaves the worker broken rather than spinning.
+            # cannot even start again, or keeps failing as soon as it starts (a
+            # worker_context that fails or ends at once), leaves the worker broken rather
+            # than spinning.
+            restarted: deque[float] = deque(maxlen=RESTART_BURST)  # their times
             while True:
                 failure, accepted = self._run_one_loop()
                 with self._lock:
                     stopping = self._stop_request is not None
-                if failure is None or stopping or not accepted:
-                    break
-                self._restarts += 1
-                logger.warning(
-                    "worker %d's event loop failed; restarting it (restart %d)",
+                if failure is None or stopping or (not accepted and not restarted):
+                    break  # stopped, or a failed start, which PortalPool(...) reports
+                now = time.monotonic()
+                if not accepted:
+                    why = "failed and its replacement could not start"
+                elif len(restarted) == RESTART_BURST and now - restarted[0] < RESTART_WINDOW:
+                    why = f"failed again after {RESTART_BURST} restarts in {RESTART_WINDOW:g} s"
+                else:
+                    restarted.append(now)
+                    self._restarts += 1
+                    logger.warning(
+                        "worker %d's event loop failed; restarting it (restart %d)",
+                        self._index,
+                        self._restarts,
+                        exc_info=failure,
+                    )
+                    continue
+                logger.error(
+                    "worker %d's event loop %s; the worker is broken: work sent to it "
+                    "fails with BrokenPortalPool",
                     self._index,
-                    self._restarts,
+                    why,
                     exc_info=failure,
                 )
+                break
         finally:
             with self._lock:
                 self._closed = True
@@ -545,7 +615,9 @@ class Worker(Generic[C_co]):
                 if future._state == PENDING:
                     self._requeue(future)
         if runtime is not None and failure is not None:
-            broken = BrokenPortalPool(f"worker {self._index}'s event loop failed: {failure!r}")
+            broken = BrokenPortalPool(
+                f"worker {self._index}'s event loop failed: {safe_repr(failure)}"
+            )
             for future in runtime.unfinished():
                 future._settle_broken(broken)
         return failure, runtime is not None
@@ -586,7 +658,18 @@ class Worker(Generic[C_co]):
                     # supervisor closes whatever was made.
                     runtime = make_runtime(self._backend, self)
                     await runtime.serve(lambda: self._accept_work(runtime))
-            if not self._ready.done():
+            with self._lock:
+                stopping = self._stop_request is not None
+            if not stopping:
+                # serve() returns only when stopped, so the worker_context ended its own
+                # body: a cancel scope or timeout around its yield caught the cancellation
+                # it sent, or it swallowed an error. A failure, for the supervisor.
+                self._failure = RuntimeError(
+                    f"worker {self._index}'s worker_context ended before the pool stopped "
+                    f"it; a cancel scope, timeout or exception handler around its yield "
+                    f"must not end its body"
+                )
+            elif not self._ready.done():
                 self._ready.set_exception(
                     BrokenPortalPool(f"worker {self._index} was stopped while starting")
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import threading
 import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -62,6 +64,86 @@ def test_coroutine_object_is_rejected_and_closed(make_pool: MakePool) -> None:
     assert kept.result(timeout=10) is None  # earlier work is unaffected
 
 
+def test_a_running_coroutine_is_rejected_and_left_alone(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    errors: list[BaseException] = []
+
+    async def submits_itself() -> None:
+        try:
+            pool.submit(coroutine)  # type: ignore[call-overload]
+        except BaseException as exc:
+            errors.append(exc)
+
+    coroutine = submits_itself()
+    with pytest.raises(StopIteration):
+        coroutine.send(None)  # driven by hand: running while it calls submit
+    assert len(errors) == 1
+    assert isinstance(errors[0], TypeError)  # not the ValueError of closing a running one
+    assert "coroutine object" in str(errors[0])
+
+
+async def numbers(count: int) -> AsyncIterator[int]:
+    for number in range(count):
+        yield number
+
+
+class Feed:
+    async def items(self) -> AsyncIterator[int]:
+        yield 1
+
+
+# Each of these, called, returns an async generator: a task would return it unrun.
+ASYNC_GENERATOR_FUNCTIONS = {
+    "function": numbers,
+    "partial": partial(numbers, 3),
+    "bound method": Feed().items,
+    "partial of a method": partial(Feed().items),
+}
+AGEN_ERROR = r"is an async generator function.*coroutine function that iterates it"
+
+
+@pytest.mark.parametrize("fn", ASYNC_GENERATOR_FUNCTIONS.values(), ids=ASYNC_GENERATOR_FUNCTIONS)
+def test_async_generator_function_is_rejected(make_pool: MakePool, fn: Any) -> None:
+    pool = make_pool(1)
+    worker = pool.workers[0]
+    calls: list[Callable[[], object]] = [
+        lambda: pool.submit(fn),
+        lambda: pool.run(fn),
+        lambda: worker.submit(fn),
+        lambda: worker.run(fn),
+        lambda: pool.map(fn, [1]),
+        lambda: pool.map(fn, [1], chunksize=2),
+        lambda: pool.map_unordered(fn, [1]),
+        lambda: pool.map_async(fn, [1]),
+        lambda: pool.map_unordered_async(fn, [1]),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=AGEN_ERROR):
+            call()
+    assert pool.stats().completed == pool.stats().pending == 0  # nothing was queued
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fn", ASYNC_GENERATOR_FUNCTIONS.values(), ids=ASYNC_GENERATOR_FUNCTIONS)
+async def test_async_generator_function_is_rejected_by_run_async(
+    make_pool: MakePool, fn: Any
+) -> None:
+    pool = make_pool(1)
+    with pytest.raises(TypeError, match=AGEN_ERROR):
+        await pool.run_async(fn)
+    with pytest.raises(TypeError, match=AGEN_ERROR):
+        await pool.workers[0].run_async(fn)
+    assert pool.stats().completed == pool.stats().pending == 0
+
+
+def test_async_generator_object_is_rejected(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    generator = numbers(3)
+    with pytest.raises(TypeError, match=r"async generator object.*async for x in numbers"):
+        pool.submit(generator)  # type: ignore[call-overload]
+    assert pool.stats().completed == pool.stats().pending == 0
+
+
 def test_worker_context_failure_breaks_the_pool_and_leaves_no_thread(
     backend_kwargs: dict[str, Any],
 ) -> None:
@@ -84,6 +166,54 @@ def test_worker_context_failure_breaks_the_pool_and_leaves_no_thread(
     assert isinstance(info.value.__cause__, ConnectionError)
     assert set(threading.enumerate()) <= before
     assert entered == exited == [1]  # the worker that did start was unwound
+
+
+class Abort(BaseException):
+    pass
+
+
+@pytest.mark.parametrize(
+    "error", [Abort, KeyboardInterrupt, SystemExit, asyncio.CancelledError], ids=repr
+)
+def test_worker_context_base_exception_is_the_workers_failure(
+    backend_kwargs: dict[str, Any], error: type[BaseException]
+) -> None:
+    @asynccontextmanager
+    async def raising() -> AsyncIterator[None]:
+        raise error("raised by the worker_context")
+        yield
+
+    before = set(threading.enumerate())
+    # Not re-raised as is: a CancelledError or KeyboardInterrupt here would look like the
+    # caller's own cancellation or Ctrl-C.
+    with pytest.raises(BrokenPortalPool, match="raised by the worker_context") as info:
+        PortalPool(2, worker_context=raising, **backend_kwargs)
+    assert type(info.value.__cause__) is error
+    assert set(threading.enumerate()) <= before
+
+
+class Unprintable(Exception):
+    """An error whose repr() and str() fail, as a broken third-party exception's can."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr() of the error failed")
+
+    __str__ = __repr__
+
+
+def test_worker_context_error_whose_repr_fails(backend_kwargs: dict[str, Any]) -> None:
+    @asynccontextmanager
+    async def unprintable() -> AsyncIterator[None]:
+        raise Unprintable
+        yield
+
+    before = set(threading.enumerate())
+    with pytest.raises(
+        BrokenPortalPool, match=r"<Unprintable object, whose repr\(\) failed>"
+    ) as info:
+        PortalPool(2, worker_context=unprintable, **backend_kwargs)
+    assert isinstance(info.value.__cause__, Unprintable)
+    assert set(threading.enumerate()) <= before
 
 
 def test_worker_context_not_an_async_context_manager(backend_kwargs: dict[str, Any]) -> None:
