@@ -339,24 +339,29 @@ class TrioRuntime:
         task = self._trio.lowlevel.current_task()
         while True:
             with self._trio.CancelScope() as scope:
-                await self._serve_calls(task, scope, future)
+                serving = self._serve_calls(task, scope, future)
+                # The call is _serve_calls' now. Held here too, its future (and so its
+                # result) would live as long as this runner does.
+                future = None
+                await serving
                 if not scope.cancel_called:
                     return
             # A call was cancelled (the scope caught it here, or at the next wait if the
             # call swallowed it): a cancelled scope stays cancelled, so take a fresh one.
-            future = None
 
     async def _serve_calls(self, task: Any, scope: Any, future: TaskFuture[Any] | None) -> None:
         while True:
             if future is not None:
                 await self._run_call(future, scope)
+                # Settled and handed over: kept while this runner waits, it would keep
+                # the result alive after its caller has let go of it.
+                future = None
             if self._stopping:
                 return
             if self._leader is None:
                 future = await self._lead(task)
             elif len(self._parked) < PARKED_RUNNERS_MAX:
-                handed = await self._park(task)
-                future = await self._lead(task) if isinstance(handed, _Lead) else handed
+                future = await self._park(task)
             else:
                 return
             if future is None:
@@ -394,8 +399,8 @@ class TrioRuntime:
         else:
             self._spawn_runner(None)
 
-    async def _park(self, task: Any) -> TaskFuture[Any] | _Lead | None:
-        """Wait to be handed a call, the leadership, or ``None`` to end."""
+    async def _park(self, task: Any) -> TaskFuture[Any] | None:
+        """Wait to be handed a call, or the leadership; return the call, or ``None`` to end."""
         task.context = self._base.copy()  # the next call starts fresh
         self._parked.append(task)
 
@@ -406,6 +411,8 @@ class TrioRuntime:
         handed: TaskFuture[Any] | _Lead | None = await self._trio.lowlevel.wait_task_rescheduled(
             abort
         )
+        if isinstance(handed, _Lead):
+            return await self._lead(task)
         return handed
 
     async def _run_call(self, future: TaskFuture[Any], scope: Any) -> None:
