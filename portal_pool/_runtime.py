@@ -43,6 +43,10 @@ class Host(Protocol):
         """Take the inbox and start what it holds (in the loop thread)."""
         ...
 
+    def _cancelled_by_stop(self, future: TaskFuture[Any]) -> bool:
+        """At a call's first step: cancel it if a cancelling stop came first."""
+        ...
+
 
 class Runtime(Protocol):
     """What a worker needs from its backend, once its loop is running."""
@@ -153,8 +157,8 @@ class AsyncioRuntime:
         if not self._serving.done():
             self._serving.set_result(None)
         if cancel:
-            # Tasks not started yet see the flag at their first step and never run
-            # their call; cancelling them now would skip their cleanup entirely.
+            # Tasks not started yet are cancelled at their first step (the host's
+            # _cancelled_by_stop); cancelling them now would skip their cleanup entirely.
             self._cancelling = True
             for future, task in self._tasks.items():
                 if future._started:
@@ -173,11 +177,14 @@ class AsyncioRuntime:
             if not self.accepting:
                 self._host._requeue(future)
                 return
-            if self._cancelling:
-                future.cancel()  # shutdown(cancel_futures=True) came before this step
+            if self._host._cancelled_by_stop(future):
                 return
             if not future.set_running_or_notify_cancel():
                 return
+            if self._cancelling:
+                # A call the worker took before the stop, starting after the stop has
+                # cancelled the running tasks: cancelled as they were, at its first await.
+                self._tasks[future].cancel()
             fn, args, kwargs = future._take_call()
             # Every exception but cancellation goes to the future. asyncio re-raises
             # KeyboardInterrupt and SystemExit out of the loop itself, which would kill
@@ -421,9 +428,7 @@ class TrioRuntime:
             if not self.accepting:
                 self._host._requeue(future)
                 return
-            assert self._nursery is not None
-            if self._nursery.cancel_scope.cancel_called:
-                future.cancel()  # shutdown(cancel_futures=True) came before it ran
+            if self._host._cancelled_by_stop(future):
                 return
             # Set in this step, with RUNNING: a cancel() that sees RUNNING reaches the
             # loop later, through the token, and finds the runner's scope. Settling
