@@ -112,6 +112,9 @@ class TaskFuture(Future[T]):
     _canceller: _Cancellable | None
     # Called once, when the task has fully exited or will never run (see run_async).
     _on_task_exit: Callable[[], object] | None
+    # Set (in the submitting thread) when an idle worker took the call; see
+    # Worker._enqueue. A class default, so that the submit path pays nothing for it.
+    _taken: bool = False
 
     def __init__(
         self,

@@ -416,7 +416,10 @@ class PortalPool(Executor, Generic[C]):
         Safe to call more than once and from several threads.
 
         :param wait: wait until every task has finished and every thread has exited
-        :param cancel_futures: cancel every unfinished task, queued or running
+        :param cancel_futures: cancel every unfinished task, queued or running: nothing
+            queued starts after this call, and running tasks get a cancellation in
+            their loops (a sync call, which cannot be interrupted, finishes). A call
+            given to an idle worker counts as started, as with ``ThreadPoolExecutor``.
         :raises RuntimeError: if ``wait`` is true and this is called from one of the
             pool's own loops, where it would deadlock
         """

@@ -43,6 +43,10 @@ class Host(Protocol):
         """Take the inbox and start what it holds (in the loop thread)."""
         ...
 
+    def _cancelled_by_stop(self, future: TaskFuture[Any]) -> bool:
+        """At a call's first step: cancel it if a cancelling stop came first."""
+        ...
+
 
 class Runtime(Protocol):
     """What a worker needs from its backend, once its loop is running."""
@@ -156,8 +160,8 @@ class AsyncioRuntime:
         if not self._serving.done():
             self._serving.set_result(None)
         if cancel:
-            # Tasks not started yet see the flag at their first step and never run
-            # their call; cancelling them now would skip their cleanup entirely.
+            # Tasks not started yet are cancelled at their first step (the host's
+            # _cancelled_by_stop); cancelling them now would skip their cleanup entirely.
             self._cancelling = True
             for future, task in self._tasks.items():
                 if future._started:
@@ -177,12 +181,16 @@ class AsyncioRuntime:
             if not self.accepting:
                 self._host._requeue(future)
                 return
-            if self._cancelling:
-                future.cancel()  # shutdown(cancel_futures=True) came before this step
+            if self._host._cancelled_by_stop(future):
                 return
             call = future._begin()
             if call is None:
                 return  # cancelled while it waited: cancel() has accounted for it
+            if self._cancelling:
+                # A call the worker took before the stop, starting after the stop has
+                # cancelled the running tasks: cancelled as they were, at its first await.
+                # (The current task: an eager one is not in self._tasks yet.)
+                asyncio.current_task().cancel()  # type: ignore[union-attr]
             fn, args, kwargs = call
             # Every exception but cancellation goes to the future. asyncio re-raises
             # KeyboardInterrupt and SystemExit out of the loop itself, which would kill
@@ -345,24 +353,29 @@ class TrioRuntime:
         task = self._trio.lowlevel.current_task()
         while True:
             with self._trio.CancelScope() as scope:
-                await self._serve_calls(task, scope, future)
+                serving = self._serve_calls(task, scope, future)
+                # The call is _serve_calls' now. Held here too, its future (and so its
+                # result) would live as long as this runner does.
+                future = None
+                await serving
                 if not scope.cancel_called:
                     return
             # A call was cancelled (the scope caught it here, or at the next wait if the
             # call swallowed it): a cancelled scope stays cancelled, so take a fresh one.
-            future = None
 
     async def _serve_calls(self, task: Any, scope: Any, future: TaskFuture[Any] | None) -> None:
         while True:
             if future is not None:
                 await self._run_call(future, scope)
+                # Settled and handed over: kept while this runner waits, it would keep
+                # the result alive after its caller has let go of it.
+                future = None
             if self._stopping:
                 return
             if self._leader is None:
                 future = await self._lead(task)
             elif len(self._parked) < PARKED_RUNNERS_MAX:
-                handed = await self._park(task)
-                future = await self._lead(task) if isinstance(handed, _Lead) else handed
+                future = await self._park(task)
             else:
                 return
             if future is None:
@@ -400,8 +413,8 @@ class TrioRuntime:
         else:
             self._spawn_runner(None)
 
-    async def _park(self, task: Any) -> TaskFuture[Any] | _Lead | None:
-        """Wait to be handed a call, the leadership, or ``None`` to end."""
+    async def _park(self, task: Any) -> TaskFuture[Any] | None:
+        """Wait to be handed a call, or the leadership; return the call, or ``None`` to end."""
         task.context = self._base.copy()  # the next call starts fresh
         self._parked.append(task)
 
@@ -412,6 +425,8 @@ class TrioRuntime:
         handed: TaskFuture[Any] | _Lead | None = await self._trio.lowlevel.wait_task_rescheduled(
             abort
         )
+        if isinstance(handed, _Lead):
+            return await self._lead(task)
         return handed
 
     async def _run_call(self, future: TaskFuture[Any], scope: Any) -> None:
@@ -420,9 +435,7 @@ class TrioRuntime:
             if not self.accepting:
                 self._host._requeue(future)
                 return
-            assert self._nursery is not None
-            if self._nursery.cancel_scope.cancel_called:
-                future.cancel()  # shutdown(cancel_futures=True) came before it ran
+            if self._host._cancelled_by_stop(future):
                 return
             # Set in this step, with RUNNING: a cancel() that sees RUNNING reaches the
             # loop later, through the token, and finds the runner's scope. Settling

@@ -335,14 +335,20 @@ class Worker(Generic[C_co]):
                 if self._stop_request is None:
                     raise BrokenPortalPool(f"worker {self._index}'s event loop has stopped")
                 raise RuntimeError(SHUTDOWN_MESSAGE)
+            # None until the loop accepts work; _accept_work drains what came before.
+            runtime = self._runtime
+            if runtime is not None and self._submitted == self._exited_count:
+                # Idle and serving: the worker takes this call now, as an idle
+                # ThreadPoolExecutor thread takes the item put for it. A stop that
+                # cancels what is queued counts it as started, though the worker's
+                # thread may not have run since: it can wait milliseconds for the GIL.
+                future._taken = True
             self._inbox.append(future)
             self._submitted += 1
             if self._wake_pending:
                 return
             self._wake_pending = True
-            # None until the loop accepts work; _accept_work drains what came before.
             # Woken under the lock, so the runtime cannot be closed meanwhile.
-            runtime = self._runtime
             if runtime is not None:
                 runtime.wake()
 
@@ -360,7 +366,7 @@ class Worker(Generic[C_co]):
             self._stop_request = cancel
             started = self._runtime is not None
             loop_running = self._token is not None
-            queued = list(self._inbox) if cancel else []
+            queued = [future for future in self._inbox if not future._taken] if cancel else []
         for future in queued:
             future.cancel()
         if started:
@@ -515,6 +521,21 @@ class Worker(Generic[C_co]):
                 self._completed += 1
         if self._pending_limit is not None:
             self._pending_limit.release()
+
+    def _cancelled_by_stop(self, future: TaskFuture[Any]) -> bool:
+        """At a call's first step: cancel it if a cancelling stop came first; ``True`` if so.
+
+        The flag is set before ``shutdown(cancel_futures=True)`` returns, so no call
+        starts after that, wherever it waited: in the inbox, or in a task or runner that
+        the loop made for it before the stop reached the loop. A call the worker had
+        taken (see _enqueue) counts as started: it runs, and is cancelled with the
+        running tasks.
+        """
+        # Read without the lock: it is only ever set, and True is its last value.
+        if self._stop_request is not True or future._taken:
+            return False
+        future.cancel()
+        return True
 
     def _requeue(self, future: TaskFuture[Any]) -> None:
         with self._lock:

@@ -42,6 +42,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("pool_backend", _selected(metafunc.config))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Honour ``--backend`` for the unittest classes built per backend (they have no
+    fixtures to parametrize; see test_stdlib_executor.py)."""
+    selected = _selected(config)
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        backend = getattr(getattr(item, "cls", None), "pool_backend", None)
+        (keep if backend is None or backend in selected else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 @pytest.fixture(params=[name for name in ("asyncio", "trio") if _installed(name)])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """The caller's loop, independent of the pool's: every pairing is exercised."""
