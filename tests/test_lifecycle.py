@@ -7,6 +7,7 @@ it lets the worker go on. Nothing here waits on a timer.
 
 from __future__ import annotations
 
+import linecache
 import logging
 import sys
 import threading
@@ -72,7 +73,8 @@ def traced_worker(pool: PortalPool[Any], tracer: PauseWhenRunning) -> Iterator[N
         yield
     finally:
         tracer.release.set()
-        pool.run(sys.settrace, None)
+        if not pool._shutdown:  # else the tracer ends with its thread
+            pool.run(sys.settrace, None)
 
 
 def assert_exact(pool: PortalPool[Any], **expected: int) -> None:
@@ -221,3 +223,57 @@ def test_counts_exact_when_the_worker_dies_and_cannot_restart(
     assert stats.pending == 0, stats
     assert pool._pending_limit is not None
     assert pool._pending_limit.count == 0
+
+
+def test_cancelling_stop_while_its_queued_work_starts(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10, item 5: the exit hook's cancelling stop (the one shutdown(cancel_futures=
+    True) makes) takes the queued work, then cancels it; a task that the loop starts in
+    between must still end quietly: no loop restart, nothing logged, every count exact.
+
+    A tracer in this thread stops the stop at its cancelling loop until the worker has
+    started the victim (and paused there) or settled it.
+    """
+    pool = make_pool(1, max_pending=10)
+    worker_tracer = PauseWhenRunning(release_when_done=True)
+    victim_settled_or_paused = worker_tracer.reached
+    held = threading.Event()
+    release_hold = threading.Event()
+
+    def hold() -> None:
+        sys.settrace(worker_tracer)  # traces what runs after this call, not the call
+        held.set()
+        assert release_hold.wait(TIMEOUT)
+
+    def stop_tracer(frame: FrameType, event: str, arg: object) -> Any:
+        if frame.f_code.co_name != "_request_stop":
+            return None
+
+        def line(frame: FrameType, event: str, arg: object) -> Any:
+            source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            if event == "line" and source == "for future in queued:":
+                release_hold.set()
+                assert victim_settled_or_paused.wait(TIMEOUT)
+                return None
+            return line
+
+        return line
+
+    with caplog.at_level(logging.DEBUG, logger="portal_pool"):
+        holder = pool.submit(hold)
+        assert held.wait(TIMEOUT)
+        victim = pool.submit(anyio.sleep_forever)
+        worker_tracer.target = victim
+        victim.add_done_callback(lambda _: victim_settled_or_paused.set())
+        sys.settrace(stop_tracer)
+        try:
+            pool.shutdown(wait=False, cancel_futures=True)
+        finally:
+            sys.settrace(None)
+        worker_tracer.release.set()
+        pool._join()
+    assert holder.result(TIMEOUT) is None
+    assert victim.cancelled()
+    assert [r.getMessage() for r in caplog.records if r.name == "portal_pool"] == []
+    assert_exact(pool, completed=1, cancelled=1, failed=0)
