@@ -64,7 +64,8 @@ def _primed(results: Generator[Any, None, None]) -> Generator[Any, None, None]:
 
     A generator that was never started runs no ``finally`` when it is closed or dropped.
     Started here, it waits inside its ``try``, so an iterator dropped before its first
-    ``next()`` still cancels what it submitted. An error while the first window is
+    ``next()`` can still cancel what it submitted (``map_unordered`` does; ``map`` keeps
+    ``Executor.map``'s contract and lets it run). An error while the first window is
     submitted (the input's own included) propagates from here, after that ``finally``
     has cancelled what was already submitted.
     """
@@ -79,7 +80,14 @@ def _ordered(
     try:
         for unit in window.first():
             futures.append(submit(unit))
-        yield None  # primed: see _primed
+        try:
+            yield None  # primed: see _primed
+        except GeneratorExit:
+            # Dropped before its first next(): as with Executor.map, whose work is
+            # "fire and forget" then (CPython's test_map_submits_without_iteration),
+            # what was submitted runs on. map_unordered has no such contract.
+            futures.clear()
+            raise
         while futures:
             unit = window.next_unit()
             if unit is not None:

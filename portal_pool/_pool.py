@@ -320,8 +320,9 @@ class PortalPool(Executor, Generic[C]):
         work (items, or chunks when ``chunksize > 1``) are in flight, and the input is
         read lazily. With ``chunksize > 1``, each chunk is one task and one future whose
         items run concurrently in one worker's loop. The first window is submitted by the
-        call itself. Leaving the iterator early (dropping it counts, even before its first
-        ``next()``), a timeout, or an error from the input cancels the outstanding work.
+        call itself. Once iterating, leaving the iterator early (dropping it counts), a
+        timeout, or an error from the input cancels the outstanding work. An iterator
+        dropped before its first ``next()`` lets its work run, as ``Executor.map`` does.
 
         :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
         :raises ValueError: for ``chunksize < 1``, ``buffersize < 1`` or ``timeout < 0``
@@ -352,6 +353,8 @@ class PortalPool(Executor, Generic[C]):
         self, fn: Callable[..., Any], *iterables: Iterable[Any], buffersize: int | None = None
     ) -> Iterator[Any]:
         """Like :meth:`map`, but yield each result as soon as it is ready.
+
+        Dropping the iterator cancels the outstanding work, even before its first ``next()``.
 
         :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
         :raises ValueError: for ``buffersize < 1``
