@@ -94,11 +94,18 @@ class Worker(Generic[C_co]):
         self._token: EventLoopToken | None = None
         self._runtime: Runtime | None = None
         self._thread_ident: int | None = None
-        # Guards the inbox and the flags below; held only for a few bytecodes.
-        self._lock = threading.Lock()
+        # Guards the inbox and the flags below; held only for a few bytecodes. Reentrant
+        # only so that a submit or a stop re-entering a section in the thread that holds
+        # it (a signal handler, __del__ or weakref callback, which Python may run
+        # between any two bytecodes) can tell, with the lock's owner check, instead of
+        # waiting for itself: see _enqueue_reentered and _request_stop.
+        self._lock = threading.RLock()
         # A deque, swapped out whole by the loop: producers never wait for the loop,
         # and the loop takes a whole burst with one lock acquisition.
         self._inbox: deque[TaskFuture[Any]] = deque()
+        # Work submitted by such re-entering calls: only the loop's drain takes it, and
+        # counts it as submitted (see _take_reentered).
+        self._reentered: deque[TaskFuture[Any]] = deque()
         self._wake_pending = False
         self._closed = False
         self._stop_request: bool | None = None  # None, or the cancel flag of the stop
@@ -268,11 +275,12 @@ class Worker(Generic[C_co]):
         self._thread.start()
 
     def _enqueue(self, future: TaskFuture[Any]) -> None:
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            self._enqueue_reentered(future)
+            return
         with self._lock:
             if self._closed:
-                if self._stop_request is None:
-                    raise BrokenPortalPool(f"worker {self._index}'s event loop has stopped")
-                raise RuntimeError(SHUTDOWN_MESSAGE)
+                raise self._refusal()
             self._inbox.append(future)
             self._submitted += 1
             if self._wake_pending:
@@ -284,19 +292,56 @@ class Worker(Generic[C_co]):
             if runtime is not None:
                 runtime.wake()
 
+    def _enqueue_reentered(self, future: TaskFuture[Any]) -> None:
+        """Queue work from a call that interrupted this thread inside a section of ours.
+
+        Waiting for the lock would wait for that section, which cannot end before this
+        call returns; and updating the inbox, the counter or the wake-up flag in the
+        middle of it could be undone by its next line. The work goes to a deque that
+        only the loop reads (with the lock, so never while this thread holds it), and
+        the loop is woken for it whatever the flag says.
+        """
+        if self._closed:
+            raise self._refusal()
+        self._reentered.append(future)
+        # No other thread is in a section meanwhile, so the runtime cannot be closed.
+        runtime = self._runtime
+        if runtime is not None:
+            runtime.wake()
+
+    def _refusal(self) -> Exception:
+        """Why a closed worker refuses work."""
+        if self._stop_request is None:
+            return BrokenPortalPool(f"worker {self._index}'s event loop has stopped")
+        return RuntimeError(SHUTDOWN_MESSAGE)
+
+    def _take_reentered(self) -> list[TaskFuture[Any]]:
+        """Take the work queued by re-entering calls, and count it; with the lock held."""
+        taken: list[TaskFuture[Any]] = []
+        reentered = self._reentered
+        while reentered:  # one at a time: a call re-entering this loop only appends
+            taken.append(reentered.popleft())
+        self._submitted += len(taken)
+        return taken
+
     def _request_cancel(self, future: TaskFuture[Any]) -> None:
         self._call_soon(_cancel_in_loop, future)
 
     def _request_stop(self, cancel: bool) -> None:
         """Stop accepting work; finish (or with ``cancel``, cancel) what was accepted."""
+        # Safe to re-enter (a signal handler's shutdown landing in any section of this
+        # thread): every write below only ever moves the stop forward.
         with self._lock:
             self._closed = True
             if self._stop_request is True or (self._stop_request is False and not cancel):
                 return
-            self._stop_request = cancel
+            # One store of what was asked and what is there (no call, so no handler can
+            # run in between): a request that landed after the check above, and did all
+            # this already, is never downgraded by this one.
+            self._stop_request = cancel or self._stop_request or False
             started = self._runtime is not None
             loop_running = self._token is not None
-            queued = list(self._inbox) if cancel else []
+            queued = [*self._inbox, *self._reentered] if cancel else []
         for future in queued:
             future.cancel()
         if started:
@@ -381,6 +426,8 @@ class Worker(Generic[C_co]):
         with self._lock:
             self._wake_pending = False
             batch, self._inbox = self._inbox, deque()
+            if self._reentered:
+                batch.extend(self._take_reentered())
         if self._max_concurrency is None:
             self._active += len(batch)
             start = runtime.start
@@ -573,6 +620,7 @@ class Worker(Generic[C_co]):
     def _fail_queued(self, exc: BaseException) -> None:
         with self._lock:
             batch, self._inbox = self._inbox, deque()
+            batch.extend(self._take_reentered())
             self._wake_pending = False
         for future in batch:
             future._settle_broken(exc)
