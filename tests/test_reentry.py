@@ -196,6 +196,9 @@ class Scenario:
 SCENARIOS = {
     "first_submit": Scenario(submit, {}, False, frozenset({"_enqueue"})),
     "submit": Scenario(submit, {}, True, frozenset({"_enqueue"})),
+    "submit_limited": Scenario(submit, {"max_pending": 8}, True, frozenset({"acquire"})),
+    # The holder and the two queued futures fill the pool: the submit waits for room.
+    "submit_full": Scenario(submit, {"max_pending": 3}, True, frozenset({"acquire"})),
 }
 
 
