@@ -10,7 +10,7 @@ import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 from inspect import iscoroutine
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -125,7 +125,10 @@ class Worker(Generic[C_co]):
         # submitters would make the two sides contend once per item.
         self._pending_limit = pending_limit
         self._submitted = 0
-        self._exit_lock = threading.Lock()
+        # Reentrant for the same reason as self._lock: a task exit re-entering a section
+        # is handed over to the interrupted thread (see _record_exit).
+        self._exit_lock = threading.RLock()
+        self._exits_handed_over: deque[TaskFuture[Any]] = deque()
         self._exited_count = 0
         self._completed = 0
         self._failed = 0
@@ -358,6 +361,8 @@ class Worker(Generic[C_co]):
     def _statistics(self) -> WorkerStatistics:
         with self._exit_lock:
             completed, failed, cancelled = self._completed, self._failed, self._cancelled
+        if self._exits_handed_over:  # exits that interrupted the section above
+            self._record_handed_over()
         unfinished = self._unfinished
         running = min(self._active, unfinished)  # read without the loop's cooperation
         return WorkerStatistics(
@@ -454,6 +459,13 @@ class Worker(Generic[C_co]):
             self._start_waiting(runtime)
 
     def _record_exit(self, future: TaskFuture[Any]) -> None:
+        if self._exit_lock._is_owned():  # type: ignore[attr-defined]
+            # This thread was interrupted inside the section below, or _statistics', by
+            # a call that ended a future (a signal handler's cancel, a __del__, ...):
+            # counting here could be overwritten by the rest of that section. The whole
+            # record waits until the section is over (see _record_handed_over).
+            self._exits_handed_over.append(future)
+            return
         state = future._state
         with self._exit_lock:
             self._exited_count += 1
@@ -465,6 +477,17 @@ class Worker(Generic[C_co]):
                 self._completed += 1
         if self._pending_limit is not None:
             self._pending_limit.release()
+        if self._exits_handed_over:
+            self._record_handed_over()
+
+    def _record_handed_over(self) -> None:
+        # Not while an outer section of this thread still holds the lock (stats() from a
+        # handler, say): that section records them when it leaves. Recording one can be
+        # interrupted in turn: hence the loop.
+        handed_over = self._exits_handed_over
+        while handed_over and not self._exit_lock._is_owned():  # type: ignore[attr-defined]
+            with suppress(IndexError):  # another thread took the last one meanwhile
+                self._record_exit(handed_over.popleft())
 
     def _requeue(self, future: TaskFuture[Any]) -> None:
         with self._lock:

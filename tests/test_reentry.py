@@ -182,6 +182,10 @@ def submit(run: Run) -> Future[Any] | None:
         return None
 
 
+def stats(run: Run) -> None:
+    run.pool.stats()
+
+
 @dataclass(frozen=True)
 class Scenario:
     interrupted: Callable[[Run], Future[Any] | None]
@@ -199,6 +203,7 @@ SCENARIOS = {
     "submit_limited": Scenario(submit, {"max_pending": 8}, True, frozenset({"acquire"})),
     # The holder and the two queued futures fill the pool: the submit waits for room.
     "submit_full": Scenario(submit, {"max_pending": 3}, True, frozenset({"acquire"})),
+    "stats": Scenario(stats, {}, True, frozenset({"_statistics"})),
 }
 
 
