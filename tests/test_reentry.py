@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +182,28 @@ def submit(run: Run) -> Future[Any] | None:
         return None
 
 
+def cancel_other(run: Run) -> None:
+    assert run.other is not None
+    assert run.other.cancel()
+
+
+def cancel_target(run: Run) -> None:
+    assert run.target is not None
+    assert run.target.cancel()
+
+
+def result(run: Run) -> None:
+    assert run.target is not None
+    with pytest.raises(CancelledError):  # cancelled by the handler, whenever it lands
+        run.target.result()
+
+
+def add_done_callback(run: Run) -> None:
+    assert run.target is not None
+    run.callbacks[id(run.target)] -= 1  # one more callback, counted by the same counter
+    run.target.add_done_callback(run.count_callback)
+
+
 def stats(run: Run) -> None:
     run.pool.stats()
 
@@ -203,6 +225,12 @@ SCENARIOS = {
     "submit_limited": Scenario(submit, {"max_pending": 8}, True, frozenset({"acquire"})),
     # The holder and the two queued futures fill the pool: the submit waits for room.
     "submit_full": Scenario(submit, {"max_pending": 3}, True, frozenset({"acquire"})),
+    "cancel_limited": Scenario(
+        cancel_other, {"max_pending": 8}, True, frozenset({"_record_exit", "release"})
+    ),
+    "cancel_same": Scenario(cancel_target, {}, True, frozenset({"_transition_to_cancelled"})),
+    "result": Scenario(result, {}, True, frozenset({"result"})),
+    "add_done_callback": Scenario(add_done_callback, {}, True, frozenset({"add_done_callback"})),
     "stats": Scenario(stats, {}, True, frozenset({"_statistics"})),
 }
 
