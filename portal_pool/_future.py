@@ -14,7 +14,7 @@ from concurrent.futures._base import (  # the states are not re-exported publicl
     RUNNING,
 )
 from contextlib import suppress
-from threading import RLock, get_ident
+from threading import RLock, Thread, get_ident
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ._signals import wait_in_slices
@@ -271,7 +271,33 @@ class TaskFuture(Future[T]):
             self._state = CANCELLED_AND_NOTIFIED
             self._call = None
             for waiter in self._waiters:
-                waiter.add_cancelled(self)
+                _tell_cancelled(waiter, self)
             self._condition.notify_all()
         self._invoke_callbacks()  # type: ignore[attr-defined]  # private, stable since 3.2
         return previous
+
+
+def _tell_cancelled(waiter: Any, future: TaskFuture[Any]) -> None:
+    """``waiter.add_cancelled(future)``, from a thread of its own if it could deadlock here.
+
+    ``wait()`` and ``as_completed()`` install stdlib waiters that take plain locks: their
+    own and their event's. A cancel from a signal handler or ``__del__`` that interrupted
+    this thread inside ``wait()`` or ``as_completed()``, while it held one of them, would
+    wait for itself. Whoever holds one (this thread or another) lets go within a few
+    bytecodes, so a short-lived thread that waits for it delivers the notice instead.
+    """
+    for lock in (waiter.event._cond._lock, getattr(waiter, "lock", None)):
+        if lock is None:
+            continue
+        if not lock.acquire(False):
+            break
+        lock.release()
+    else:
+        waiter.add_cancelled(future)
+        return
+    notifier = Thread(target=waiter.add_cancelled, args=(future,), name="portal_pool-notify")
+    notifier.daemon = True
+    try:
+        notifier.start()
+    except RuntimeError:  # no new thread once the interpreter is exiting: tell it here
+        waiter.add_cancelled(future)

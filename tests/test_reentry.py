@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, as_completed, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +198,17 @@ def result(run: Run) -> None:
         run.target.result()
 
 
+def wait_for_target(run: Run) -> None:
+    assert run.target is not None
+    done, _ = wait([run.target])
+    assert done == {run.target}
+
+
+def as_completed_target(run: Run) -> None:
+    assert run.target is not None
+    assert list(as_completed([run.target])) == [run.target]
+
+
 def add_done_callback(run: Run) -> None:
     assert run.target is not None
     run.callbacks[id(run.target)] -= 1  # one more callback, counted by the same counter
@@ -230,6 +241,8 @@ SCENARIOS = {
     ),
     "cancel_same": Scenario(cancel_target, {}, True, frozenset({"_transition_to_cancelled"})),
     "result": Scenario(result, {}, True, frozenset({"result"})),
+    "wait": Scenario(wait_for_target, {}, True, frozenset({"wait"})),
+    "as_completed": Scenario(as_completed_target, {}, True, frozenset({"as_completed"})),
     "add_done_callback": Scenario(add_done_callback, {}, True, frozenset({"add_done_callback"})),
     "stats": Scenario(stats, {}, True, frozenset({"_statistics"})),
 }
