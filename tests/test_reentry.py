@@ -182,6 +182,10 @@ def submit(run: Run) -> Future[Any] | None:
         return None
 
 
+def shutdown(run: Run) -> None:
+    run.pool.shutdown(wait=False, cancel_futures=True)
+
+
 def cancel_other(run: Run) -> None:
     assert run.other is not None
     assert run.other.cancel()
@@ -236,6 +240,12 @@ SCENARIOS = {
     "submit_limited": Scenario(submit, {"max_pending": 8}, True, frozenset({"acquire"})),
     # The holder and the two queued futures fill the pool: the submit waits for room.
     "submit_full": Scenario(submit, {"max_pending": 3}, True, frozenset({"acquire"})),
+    "shutdown": Scenario(
+        shutdown,
+        {"max_pending": 8, "stall_timeout": 60},
+        True,
+        frozenset({"_begin_shutdown", "_request_stop", "close", "stop"}),
+    ),
     "cancel_limited": Scenario(
         cancel_other, {"max_pending": 8}, True, frozenset({"_record_exit", "release"})
     ),
