@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from _thread import LockType, allocate_lock
 from collections import deque
+from contextlib import suppress
 
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
@@ -23,7 +25,8 @@ FORK_MESSAGE = (
 class PendingLimit:
     """Counts unfinished tasks; admitting one more waits while ``limit`` are unfinished.
 
-    Sync callers wait on a condition; async callers (asyncio or trio) park an event that
+    Sync callers park a lock of their own that a release lets go of (as
+    ``threading.Condition`` does); async callers (asyncio or trio) park an event that
     the releasing thread sets through the caller's own event-loop token, so waiting for
     room never blocks a caller's loop. Closing wakes everyone with an error.
     """
@@ -33,13 +36,19 @@ class PendingLimit:
         self._count = 0
         self._closed = False
         self._forked = False  # a copy in a child made by os.fork(): closed for good
-        # The plain lock serves the fast paths; the condition over it only blocked
-        # submitters, counted so release() skips notify() when nobody waits.
-        self._lock = threading.Lock()
-        self._condition = threading.Condition(self._lock)
-        self._blocked = 0
+        # Reentrant only so that a call re-entering a section in the thread that holds
+        # it (a signal handler, __del__ or weakref callback, which Python may run between
+        # any two bytecodes) can tell, with the lock's owner check, and hand its change
+        # over instead of waiting for itself.
+        self._lock = threading.RLock()
+        # Blocked sync submitters, oldest first: each waits on a lock of its own.
+        self._parked: deque[LockType] = deque()
         # Async waiters, oldest first; a deque so release() can hand room out in order.
         self._async_waiters: deque[tuple[EventLoopToken, anyio.Event]] = deque()
+        # Changes handed over by re-entering calls: +1 (admitted), -1 (released), 0
+        # (closed). The interrupted thread applies them once it has left its section:
+        # applied in the middle of it, they could be overwritten by the rest of it.
+        self._handed_over: deque[int] = deque()
 
     @property
     def count(self) -> int:
@@ -50,19 +59,49 @@ class PendingLimit:
 
         :raises RuntimeError: once the pool is shut down
         """
-        with self._lock:
-            if self._count < self.limit and not self._closed:
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            self._acquire_reentered()
+            return
+        try:
+            with self._lock:
+                if self._count < self.limit and not self._closed:
+                    self._count += 1
+                    return
+                while True:
+                    # Room released by a call that interrupted this very loop.
+                    self._apply_handed_over()
+                    if self._count < self.limit or self._closed:
+                        break
+                    self._wait()
+                if self._closed:
+                    raise self._refusal()
                 self._count += 1
-                return
-            self._blocked += 1
-            try:
-                while self._count >= self.limit and not self._closed:
-                    self._condition.wait(SIGNAL_CHECK_INTERVAL)  # see _signals
-            finally:
-                self._blocked -= 1
-            if self._closed:
-                raise self._refusal()
-            self._count += 1
+        finally:
+            if self._handed_over:
+                self._settle_handed_over()
+
+    def _wait(self) -> None:
+        """Wait for a release or a close, at most one slice (see _signals); lock held."""
+        waiter = allocate_lock()
+        waiter.acquire()
+        self._parked.append(waiter)
+        self._lock.release()
+        try:
+            # A change handed over by a call that landed since the loop's check, the
+            # lock still held, is applied at once: no wait for it.
+            if not self._handed_over:
+                waiter.acquire(True, SIGNAL_CHECK_INTERVAL)
+        finally:
+            self._lock.acquire()
+            with suppress(ValueError):  # not woken: still parked
+                self._parked.remove(waiter)
+
+    def _acquire_reentered(self) -> None:
+        # Waiting for room here would wait for the section this call interrupted, which
+        # cannot end before it returns: admit at once, even past the limit.
+        if self._closed:
+            raise self._refusal()
+        self._handed_over.append(1)
 
     def would_block(self) -> bool:
         return self._count >= self.limit
@@ -73,55 +112,113 @@ class PendingLimit:
         :raises RuntimeError: once the pool is shut down
         """
         while True:
+            waiter = self._admit_or_park()
+            if waiter is None:
+                return
+            try:
+                await waiter[1].wait()
+            except BaseException:
+                self._unpark(waiter)
+                raise
+
+    def _admit_or_park(self) -> tuple[EventLoopToken, anyio.Event] | None:
+        """Take room, or park an event that a release will set; ``None`` if admitted."""
+        try:
             with self._lock:
                 if self._closed:
                     raise self._refusal()
                 if self._count < self.limit:
                     self._count += 1
-                    return
+                    return None
                 waiter = (current_token(), anyio.Event())
                 self._async_waiters.append(waiter)
-            try:
-                await waiter[1].wait()
-            except BaseException:
-                with self._lock:
-                    if waiter in self._async_waiters:
-                        self._async_waiters.remove(waiter)
-                    else:
-                        self._wake_one_async()  # we were handed room we won't use
-                raise
+                return waiter
+        finally:
+            if self._handed_over:
+                self._settle_handed_over()
+
+    def _unpark(self, waiter: tuple[EventLoopToken, anyio.Event]) -> None:
+        try:
+            with self._lock:
+                if waiter in self._async_waiters:
+                    self._async_waiters.remove(waiter)
+                else:
+                    self._wake_one_async()  # we were handed room we won't use
+        finally:
+            if self._handed_over:
+                self._settle_handed_over()
 
     def release(self) -> None:
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            self._handed_over.append(-1)  # see _handed_over
+            return
         with self._lock:
             self._count -= 1
-            if self._blocked:
-                self._condition.notify()
-            if self._async_waiters:
-                self._wake_one_async()
+            self._wake_one()
+        if self._handed_over:
+            self._settle_handed_over()
 
     def close(self) -> None:
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            self._closed = True  # refused from now on; the waiters wake after the section
+            self._handed_over.append(0)
+            return
         with self._lock:
             self._closed = True
-            self._condition.notify_all()
-            waiters, self._async_waiters = self._async_waiters, deque()
+            self._wake_all()
+        if self._handed_over:
+            self._settle_handed_over()
+
+    def _settle_handed_over(self) -> None:
+        # Not while an outer section of this thread still holds the lock: that section
+        # settles them when it leaves. A call that lands between the last check and the
+        # lock's release hands over one more change: hence the loop.
+        while self._handed_over and not self._lock._is_owned():  # type: ignore[attr-defined]
+            with self._lock:
+                self._apply_handed_over()
+
+    def _apply_handed_over(self) -> None:
+        # Called with the lock held. A call re-entering this only appends to the deque.
+        handed_over = self._handed_over
+        while handed_over:
+            change = handed_over.popleft()
+            self._count += change
+            if change < 0:
+                self._wake_one()
+            elif change == 0:
+                self._wake_all()
+
+    def _wake_one(self) -> None:
+        # Called with the lock held, after room was released. A woken waiter re-checks
+        # the count, so waking one per release is enough and never loses room.
+        if self._parked:
+            self._parked.popleft().release()
+        if self._async_waiters:
+            self._wake_one_async()
+
+    def _wake_all(self) -> None:
+        # Called with the lock held, once closed: every waiter wakes to an error.
+        parked, self._parked = self._parked, deque()
+        for waiter in parked:
+            waiter.release()
+        waiters, self._async_waiters = self._async_waiters, deque()
         for token, event in waiters:
             call_soon_or_drop(token, event.set)
 
-    def _after_fork_in_child(self) -> None:
-        """In a child made by ``os.fork()``: new locks (their holders are gone), closed."""
-        self._lock = threading.Lock()
-        self._condition = threading.Condition(self._lock)
-        self._blocked = 0
-        self._async_waiters.clear()
-        self._closed = True
-        self._forked = True
+    def _wake_one_async(self) -> None:
+        # Called with the lock held.
+        if self._async_waiters:
+            token, event = self._async_waiters.popleft()
+            call_soon_or_drop(token, event.set)
 
     def _refusal(self) -> Exception:
         return BrokenPortalPool(FORK_MESSAGE) if self._forked else RuntimeError(SHUTDOWN_MESSAGE)
 
-    def _wake_one_async(self) -> None:
-        # Called with the lock held. A woken waiter re-checks the count, so waking
-        # one per release is enough and never loses room.
-        if self._async_waiters:
-            token, event = self._async_waiters.popleft()
-            call_soon_or_drop(token, event.set)
+    def _after_fork_in_child(self) -> None:
+        """In a child made by ``os.fork()``: a new lock (its holder is gone), closed."""
+        self._lock = threading.RLock()
+        self._parked.clear()
+        self._handed_over.clear()
+        self._async_waiters.clear()
+        self._closed = True
+        self._forked = True

@@ -15,7 +15,7 @@ from concurrent.futures._base import (  # the states are not re-exported publicl
     RUNNING,
 )
 from contextlib import suppress
-from threading import RLock, get_ident
+from threading import RLock, Thread, get_ident
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ._signals import wait_in_slices
@@ -37,25 +37,48 @@ class _FutureCondition:
 
     Same algorithm as the stdlib's: each waiter parks on a lock of its own, released by
     ``notify_all``; the waiting itself stays interruptible by Ctrl-C.
+
+    It also runs the cancel that a call re-entering a section of this future left (see
+    :meth:`TaskFuture.cancel`), as soon as the interrupted thread has let go of the lock.
     """
 
-    __slots__ = ("_lock", "_parked")
+    __slots__ = ("_handed_over", "_lock", "_parked")
 
     def __init__(self) -> None:
         self._lock = RLock()
         self._parked: deque[LockType] | None = None
+        self._handed_over: Callable[[], object] | None = None
 
     def __enter__(self) -> bool:
         return self._lock.__enter__()
 
     def __exit__(self, *exc_info: Any) -> None:
         self._lock.__exit__(*exc_info)
+        if self._handed_over is not None:
+            self._run_handed_over()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         return self._lock.acquire(blocking, timeout)
 
     def release(self) -> None:
         self._lock.release()
+        if self._handed_over is not None:
+            self._run_handed_over()
+
+    def _is_owned(self) -> bool:
+        return bool(self._lock._is_owned())  # type: ignore[attr-defined]
+
+    def _hand_over(self, call: Callable[[], object]) -> None:
+        """Run ``call`` once the thread holding the lock (the caller's) lets go of it."""
+        self._handed_over = call
+
+    def _run_handed_over(self) -> None:
+        # Not while an outer section of this thread still holds the lock. One call that
+        # lands between the check and the swap leaves another: hence the loop.
+        while self._handed_over is not None and not self._lock._is_owned():  # type: ignore[attr-defined]
+            call, self._handed_over = self._handed_over, None
+            if call is not None:
+                call()
 
     def wait(self, timeout: float | None = None) -> bool:
         waiter = allocate_lock()
@@ -67,6 +90,10 @@ class _FutureCondition:
         saved = self._lock._release_save()  # type: ignore[attr-defined]
         notified = False
         try:
+            # A cancel handed over by a call that interrupted the caller's check of the
+            # state, before this wait: run now, it notifies the waiter parked above.
+            if self._handed_over is not None:
+                self._run_handed_over()
             if timeout is None:
                 wait_in_slices(lambda seconds: bool(waiter.acquire(True, seconds)))
                 notified = True
@@ -145,6 +172,9 @@ class TaskFuture(Future[T]):
 
         :return: ``False`` if the work has already finished, else ``True``
         """
+        condition: _FutureCondition = self._condition  # type: ignore[assignment]
+        if condition._is_owned():
+            return self._cancel_reentered(condition)
         previous = self._transition_to_cancelled()
         if previous is None:
             return self._state != FINISHED
@@ -152,6 +182,19 @@ class TaskFuture(Future[T]):
             self._worker._request_cancel(self)
         else:
             self._task_exited()
+        return True
+
+    def _cancel_reentered(self, condition: _FutureCondition) -> bool:
+        # This thread holds the future's lock: a signal handler, __del__ or weakref
+        # callback interrupted it inside a section of this future (result(), wait(),
+        # add_done_callback(), a state change). Cancelling in the middle of it could be
+        # undone by its next line, or miss the waiter or callback it is installing: the
+        # cancel runs as soon as that section lets go of the lock.
+        state = self._state
+        if state == FINISHED:
+            return False
+        if state in (PENDING, RUNNING):
+            condition._hand_over(self.cancel)
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
@@ -259,7 +302,33 @@ class TaskFuture(Future[T]):
             self._state = CANCELLED_AND_NOTIFIED
             self._call = None
             for waiter in self._waiters:
-                waiter.add_cancelled(self)
+                _tell_cancelled(waiter, self)
             self._condition.notify_all()
         self._invoke_callbacks()
         return previous
+
+
+def _tell_cancelled(waiter: Any, future: TaskFuture[Any]) -> None:
+    """``waiter.add_cancelled(future)``, from a thread of its own if it could deadlock here.
+
+    ``wait()`` and ``as_completed()`` install stdlib waiters that take plain locks: their
+    own and their event's. A cancel from a signal handler or ``__del__`` that interrupted
+    this thread inside ``wait()`` or ``as_completed()``, while it held one of them, would
+    wait for itself. Whoever holds one (this thread or another) lets go within a few
+    bytecodes, so a short-lived thread that waits for it delivers the notice instead.
+    """
+    for lock in (waiter.event._cond._lock, getattr(waiter, "lock", None)):
+        if lock is None:
+            continue
+        if not lock.acquire(False):
+            break
+        lock.release()
+    else:
+        waiter.add_cancelled(future)
+        return
+    notifier = Thread(target=waiter.add_cancelled, args=(future,), name="portal_pool-notify")
+    notifier.daemon = True
+    try:
+        notifier.start()
+    except RuntimeError:  # no new thread once the interpreter is exiting: tell it here
+        waiter.add_cancelled(future)

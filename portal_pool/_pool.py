@@ -117,7 +117,6 @@ class PortalPool(Executor, Generic[C]):
         self._round_robin = type(self._scheduler) is RoundRobin
         self._next_index = 0
         self._pending_limit = None if max_pending is None else PendingLimit(max_pending)
-        self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._workers: tuple[Worker[C], ...] = tuple(
             Worker(
@@ -472,8 +471,9 @@ class PortalPool(Executor, Generic[C]):
             raise RuntimeError(SHUTDOWN_MESSAGE)
 
     def _begin_shutdown(self, cancel: bool) -> None:
-        with self._shutdown_lock:
-            self._shutdown = True
+        # One store, no lock: a lock here would deadlock a signal handler's shutdown
+        # landing while this thread held it.
+        self._shutdown = True
         _close(self._workers, self._pending_limit, self._watchdog, cancel=cancel)
 
     def _join(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -23,14 +24,17 @@ class StallWatchdog:
         self._stall_timeout = stall_timeout
         # Four checks per timeout: a stall is reported at most a quarter late.
         self._interval = min(stall_timeout / 4, 1.0)
-        self._stopping = threading.Event()
+        # Not a threading.Event: its set() takes a plain lock, and stop() called again
+        # by a signal handler landing inside that set() (via shutdown) would deadlock.
+        # SimpleQueue.put is reentrant.
+        self._stopping: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, wait: bool) -> None:
-        self._stopping.set()
+        self._stopping.put(None)
         if (
             wait
             and self._thread.ident is not None
@@ -39,7 +43,12 @@ class StallWatchdog:
             self._thread.join()
 
     def _watch(self) -> None:
-        while not self._stopping.wait(self._interval):
-            now = time.monotonic()
-            for worker in self._workers:
-                worker._check_heartbeat(now, self._stall_timeout)
+        while True:
+            try:
+                self._stopping.get(timeout=self._interval)
+            except queue.Empty:
+                now = time.monotonic()
+                for worker in self._workers:
+                    worker._check_heartbeat(now, self._stall_timeout)
+            else:
+                return

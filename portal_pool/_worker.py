@@ -10,7 +10,7 @@ import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 from contextvars import ContextVar
 from functools import partial
 from inspect import (
@@ -152,11 +152,18 @@ class Worker(Generic[C_co]):
         self._token: EventLoopToken | None = None
         self._runtime: Runtime | None = None
         self._thread_ident: int | None = None
-        # Guards the inbox and the flags below; held only for a few bytecodes.
-        self._lock = threading.Lock()
+        # Guards the inbox and the flags below; held only for a few bytecodes. Reentrant
+        # only so that a submit or a stop re-entering a section in the thread that holds
+        # it (a signal handler, __del__ or weakref callback, which Python may run
+        # between any two bytecodes) can tell, with the lock's owner check, instead of
+        # waiting for itself: see _enqueue_reentered and _request_stop.
+        self._lock = threading.RLock()
         # A deque, swapped out whole by the loop: producers never wait for the loop,
         # and the loop takes a whole burst with one lock acquisition.
         self._inbox: deque[TaskFuture[Any]] = deque()
+        # Work submitted by such re-entering calls: only the loop's drain takes it, and
+        # counts it as submitted (see _take_reentered).
+        self._reentered: deque[TaskFuture[Any]] = deque()
         self._wake_pending = False
         self._closed = False
         self._forked = False  # a copy of the worker in a child made by os.fork()
@@ -178,7 +185,10 @@ class Worker(Generic[C_co]):
         # submitters would make the two sides contend once per item.
         self._pending_limit = pending_limit
         self._submitted = 0
-        self._exit_lock = threading.Lock()
+        # Reentrant for the same reason as self._lock: a task exit re-entering a section
+        # is handed over to the interrupted thread (see _record_exit).
+        self._exit_lock = threading.RLock()
+        self._exits_handed_over: deque[TaskFuture[Any]] = deque()
         self._exited_count = 0
         self._completed = 0
         self._failed = 0
@@ -328,13 +338,12 @@ class Worker(Generic[C_co]):
         self._thread.start()
 
     def _enqueue(self, future: TaskFuture[Any]) -> None:
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            self._enqueue_reentered(future)
+            return
         with self._lock:
             if self._closed:
-                if self._forked:
-                    raise BrokenPortalPool(FORK_MESSAGE)
-                if self._stop_request is None:
-                    raise BrokenPortalPool(f"worker {self._index}'s event loop has stopped")
-                raise RuntimeError(SHUTDOWN_MESSAGE)
+                raise self._refusal()
             # None until the loop accepts work; _accept_work drains what came before.
             runtime = self._runtime
             if runtime is not None and self._submitted == self._exited_count:
@@ -352,6 +361,40 @@ class Worker(Generic[C_co]):
             if runtime is not None:
                 runtime.wake()
 
+    def _enqueue_reentered(self, future: TaskFuture[Any]) -> None:
+        """Queue work from a call that interrupted this thread inside a section of ours.
+
+        Waiting for the lock would wait for that section, which cannot end before this
+        call returns; and updating the inbox, the counter or the wake-up flag in the
+        middle of it could be undone by its next line. The work goes to a deque that
+        only the loop reads (with the lock, so never while this thread holds it), and
+        the loop is woken for it whatever the flag says.
+        """
+        if self._closed:
+            raise self._refusal()
+        self._reentered.append(future)
+        # No other thread is in a section meanwhile, so the runtime cannot be closed.
+        runtime = self._runtime
+        if runtime is not None:
+            runtime.wake()
+
+    def _refusal(self) -> Exception:
+        """Why a closed worker refuses work."""
+        if self._forked:
+            return BrokenPortalPool(FORK_MESSAGE)
+        if self._stop_request is None:
+            return BrokenPortalPool(f"worker {self._index}'s event loop has stopped")
+        return RuntimeError(SHUTDOWN_MESSAGE)
+
+    def _take_reentered(self) -> list[TaskFuture[Any]]:
+        """Take the work queued by re-entering calls, and count it; with the lock held."""
+        taken: list[TaskFuture[Any]] = []
+        reentered = self._reentered
+        while reentered:  # one at a time: a call re-entering this loop only appends
+            taken.append(reentered.popleft())
+        self._submitted += len(taken)
+        return taken
+
     def _request_cancel(self, future: TaskFuture[Any]) -> None:
         self._call_soon(_cancel_in_loop, future)
 
@@ -359,14 +402,19 @@ class Worker(Generic[C_co]):
         """Stop accepting work; finish (or with ``cancel``, cancel) what was accepted."""
         if self._forked:
             return  # nothing runs here to stop: the loop is in the parent process
+        # Safe to re-enter (a signal handler's shutdown landing in any section of this
+        # thread): every write below only ever moves the stop forward.
         with self._lock:
             self._closed = True
             if self._stop_request is True or (self._stop_request is False and not cancel):
                 return
-            self._stop_request = cancel
+            # One store of what was asked and what is there (no call, so no handler can
+            # run in between): a request that landed after the check above, and did all
+            # this already, is never downgraded by this one.
+            self._stop_request = cancel or self._stop_request or False
             started = self._runtime is not None
             loop_running = self._token is not None
-            queued = [future for future in self._inbox if not future._taken] if cancel else []
+            queued = [f for f in (*self._inbox, *self._reentered) if not f._taken] if cancel else []
         for future in queued:
             future.cancel()
         if started:
@@ -383,6 +431,8 @@ class Worker(Generic[C_co]):
     def _statistics(self) -> WorkerStatistics:
         with self._exit_lock:
             completed, failed, cancelled = self._completed, self._failed, self._cancelled
+        if self._exits_handed_over:  # exits that interrupted the section above
+            self._record_handed_over()
         unfinished = self._unfinished
         running = min(self._active, unfinished)  # read without the loop's cooperation
         return WorkerStatistics(
@@ -433,8 +483,8 @@ class Worker(Generic[C_co]):
         Only the forking thread exists in the child, so the locks may be held by
         threads that are gone: they are replaced, not taken.
         """
-        self._lock = threading.Lock()
-        self._exit_lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._exit_lock = threading.RLock()
         self._forked = True
         self._closed = True
         self._thread_ident = None
@@ -476,6 +526,8 @@ class Worker(Generic[C_co]):
         with self._lock:
             self._wake_pending = False
             batch, self._inbox = self._inbox, deque()
+            if self._reentered:
+                batch.extend(self._take_reentered())
         if self._max_concurrency is None:
             self._active += len(batch)
             start = runtime.start
@@ -510,6 +562,13 @@ class Worker(Generic[C_co]):
             self._start_waiting(runtime)
 
     def _record_exit(self, future: TaskFuture[Any]) -> None:
+        if self._exit_lock._is_owned():  # type: ignore[attr-defined]
+            # This thread was interrupted inside the section below, or _statistics', by
+            # a call that ended a future (a signal handler's cancel, a __del__, ...):
+            # counting here could be overwritten by the rest of that section. The whole
+            # record waits until the section is over (see _record_handed_over).
+            self._exits_handed_over.append(future)
+            return
         state = future._state
         with self._exit_lock:
             self._exited_count += 1
@@ -521,6 +580,17 @@ class Worker(Generic[C_co]):
                 self._completed += 1
         if self._pending_limit is not None:
             self._pending_limit.release()
+        if self._exits_handed_over:
+            self._record_handed_over()
+
+    def _record_handed_over(self) -> None:
+        # Not while an outer section of this thread still holds the lock (stats() from a
+        # handler, say): that section records them when it leaves. Recording one can be
+        # interrupted in turn: hence the loop.
+        handed_over = self._exits_handed_over
+        while handed_over and not self._exit_lock._is_owned():  # type: ignore[attr-defined]
+            with suppress(IndexError):  # another thread took the last one meanwhile
+                self._record_exit(handed_over.popleft())
 
     def _cancelled_by_stop(self, future: TaskFuture[Any]) -> bool:
         """At a call's first step: cancel it if a cancelling stop came first; ``True`` if so.
@@ -724,6 +794,7 @@ class Worker(Generic[C_co]):
     def _fail_queued(self, exc: BaseException) -> None:
         with self._lock:
             batch, self._inbox = self._inbox, deque()
+            batch.extend(self._take_reentered())
             self._wake_pending = False
         for future in batch:
             future._settle_broken(exc)
