@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from portal_pool import current_worker
 
 
@@ -19,3 +22,18 @@ def kill_current_loop() -> None:
         import asyncio
 
         asyncio.get_running_loop().stop()  # run_until_complete then raises
+
+
+class ConnectsOnce:
+    """A ``worker_context`` whose resource connects once: every later entry fails, so a
+    worker whose loop dies cannot restart. ``entries`` counts the attempts."""
+
+    def __init__(self) -> None:
+        self.entries = 0
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[None]:
+        self.entries += 1
+        if self.entries > 1:
+            raise ConnectionError("cannot reconnect")
+        yield

@@ -11,9 +11,9 @@ import linecache
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -22,7 +22,7 @@ import pytest
 
 from portal_pool import PortalPool
 
-from .faults import kill_current_loop
+from .faults import ConnectsOnce, kill_current_loop
 
 MakePool = Callable[..., PortalPool[Any]]
 TIMEOUT = 10
@@ -185,16 +185,7 @@ def test_counts_exact_when_the_worker_dies_and_cannot_restart(
 ) -> None:
     """Issue 10, item 4: futures cancelled while queued are counted once, even when their
     worker's loop then dies and cannot restart, and the ``max_pending`` room comes back."""
-    entries = 0
-
-    @asynccontextmanager
-    async def only_once() -> AsyncIterator[None]:
-        nonlocal entries
-        entries += 1
-        if entries > 1:
-            raise ConnectionError("cannot reconnect")
-        yield
-
+    only_once = ConnectsOnce()
     holding = threading.Event()
     release = threading.Event()
 
@@ -215,7 +206,7 @@ def test_counts_exact_when_the_worker_dies_and_cannot_restart(
         assert not pool.workers[0]._thread.is_alive()
     finally:
         pool.shutdown()
-    assert entries == 2
+    assert only_once.entries == 2
     assert holder.done()
     stats = pool.stats()
     assert stats.cancelled == 5, stats

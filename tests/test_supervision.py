@@ -18,7 +18,7 @@ import portal_pool._worker
 from portal_pool import BrokenPortalPool, PortalPool, current_worker
 from portal_pool._worker import RESTART_BURST, RESTART_WINDOW
 
-from .faults import kill_current_loop
+from .faults import ConnectsOnce, kill_current_loop
 
 MakePool = Callable[..., PortalPool[Any]]
 
@@ -99,16 +99,7 @@ def test_work_queued_during_a_restart_is_not_lost(backend_kwargs: dict[str, Any]
 def test_a_worker_that_cannot_restart_is_broken_not_spinning(
     backend_kwargs: dict[str, Any], pool_log: RecordEvents
 ) -> None:
-    entries = 0
-
-    @asynccontextmanager
-    async def only_once() -> AsyncIterator[None]:
-        nonlocal entries
-        entries += 1
-        if entries > 1:
-            raise ConnectionError("cannot reconnect")
-        yield
-
+    only_once = ConnectsOnce()
     pool = PortalPool(1, worker_context=only_once, **backend_kwargs)
     worker = pool.workers[0]
     worker.submit(kill_current_loop)
@@ -117,7 +108,7 @@ def test_a_worker_that_cannot_restart_is_broken_not_spinning(
     with pytest.raises(BrokenPortalPool):
         worker.submit(anyio.sleep, 0)
     pool.shutdown()
-    assert entries == 2
+    assert only_once.entries == 2
     [record] = [r for r in pool_log.records if r.levelno == logging.ERROR]
     assert "its replacement could not start; the worker is broken" in record.getMessage()
     assert record.exc_info is not None
