@@ -491,8 +491,9 @@ class Worker(Generic[C_co]):
         self._token = None
         self._portal = None
         runtime, self._runtime = self._runtime, None
-        in_flight = [*self._inbox, *self._waiting]
+        in_flight = [*self._inbox, *self._reentered, *self._waiting]
         self._inbox.clear()
+        self._reentered.clear()
         self._waiting.clear()
         if runtime is not None:
             in_flight += runtime.unfinished() + runtime.never_started()
