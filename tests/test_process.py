@@ -123,3 +123,43 @@ for n in range(6):
     assert process.returncode == 0
     assert stderr == ""
     assert "all done 15" in stdout
+
+
+def _sleeping(pid: int) -> bool:
+    """Whether the process's main thread is blocked in a sleep, not about to enter one."""
+    with open(f"/proc/{pid}/task/{pid}/wchan") as wchan:
+        return wchan.read().strip() == "hrtimer_nanosleep"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/wchan")
+def test_ctrl_c_reaches_a_main_thread_blocked_outside_the_pool(
+    backend_kwargs: dict[str, object],
+) -> None:
+    # Worker threads no longer block signals, so the kernel could hand SIGINT to any of
+    # them; a main thread blocked in a plain time.sleep() sees it only if it gets it.
+    body = """
+import time
+pool = PortalPool(4, backend=backend, backend_options=options)
+futures = [pool.submit(forever) for _ in range(8)]
+print("ready", flush=True)
+time.sleep(3600)
+"""
+    process = _spawn(body, backend_kwargs)
+    assert process.stdout is not None
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        # A signal sent before the sleep begins would be seen only when it ends: that
+        # race is Python's own, so wait until the main thread is in the sleep.
+        deadline = time.monotonic() + 10
+        while not _sleeping(process.pid):
+            assert time.monotonic() < deadline, "the main thread never went to sleep"
+            time.sleep(0.01)
+        interrupted_at = time.monotonic()
+        os.kill(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+        elapsed = time.monotonic() - interrupted_at
+    finally:
+        process.kill()
+        process.wait()
+    assert elapsed < 2.0, f"took {elapsed:.2f} s to exit after Ctrl-C:\n{stderr}"
+    assert "KeyboardInterrupt" in stderr
