@@ -535,7 +535,10 @@ def _join_workers(workers: Iterable[Worker[Any]]) -> None:
     pending = [worker for worker in workers if worker._thread.ident is not None]
     while pending:
         try:
-            wait_in_slices(partial(_joined, pending[0]._thread))
+            # Not Thread.join(timeout): up to Python 3.12, an interrupt landing in it
+            # marks the thread stopped while it still runs, and nothing waits for it again.
+            wait_in_slices(partial(_thread_ended, pending[0]))
+            pending[0]._thread.join()  # it is past its last step: no real wait
         except BaseException as exc:
             if interrupted is not None:
                 raise  # a second Ctrl-C: the user insists, stop waiting
@@ -552,9 +555,8 @@ def _resolved(future: Future[Any], seconds: float) -> bool:
     return bool(wait((future,), seconds).done)
 
 
-def _joined(thread: threading.Thread, seconds: float) -> bool:
-    thread.join(seconds)
-    return not thread.is_alive()
+def _thread_ended(worker: Worker[Any], seconds: float) -> bool:
+    return _resolved(worker._exited, seconds)
 
 
 def _at_interpreter_exit() -> None:
