@@ -561,13 +561,29 @@ def _thread_ended(worker: Worker[Any], seconds: float) -> bool:
 
 def _at_interpreter_exit() -> None:
     # Runs before the interpreter joins non-daemon threads. A script that ends normally
-    # lets submitted work finish, as ThreadPoolExecutor does; one that is ending because
-    # of an uncaught Ctrl-C cancels it instead of hanging on it.
-    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    # lets submitted work finish, as ThreadPoolExecutor does; one that is ending on an
+    # uncaught Ctrl-C cancels it instead of hanging on it.
     workers = list(_live_workers)
-    _stop_workers(workers, isinstance(last, KeyboardInterrupt))
+    _stop_workers(workers, _ending_on_ctrl_c())
     with suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting, let Python exit
         _join_workers(workers)
+
+
+def _ending_on_ctrl_c() -> bool:
+    """Whether the program is ending on an uncaught Ctrl-C, decided from this exit.
+
+    ``sys.last_exc`` alone is history: an interactive session (the REPL,
+    ``code.InteractiveInterpreter``) sets it for every exception it showed and went on
+    after. It describes the exit only outside interactive mode, and only if it escaped
+    every frame, as an uncaught exception does: one that Python code caught has a
+    traceback starting in a frame that had a caller.
+    """
+    if hasattr(sys, "ps1"):  # interactive mode: the session ends on EOF or exit()
+        return False
+    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    if not isinstance(last, KeyboardInterrupt) or last.__traceback__ is None:
+        return False
+    return last.__traceback__.tb_frame.f_back is None
 
 
 # The same hook ThreadPoolExecutor uses: atexit.register would run only after the

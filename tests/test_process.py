@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import NamedTuple
 
 import pytest
 
@@ -23,6 +24,9 @@ async def forever(*_):
 async def slow_value(n):
     await anyio.sleep(0.2)
     return n
+
+def print_result(future):
+    print("done", future.result(), flush=True)
 """
 
 SIGINT_SCENARIOS = {
@@ -64,16 +68,21 @@ PortalPool(2, backend=backend, backend_options=options, worker_context=slow_cont
 }
 
 
-def _spawn(body: str, backend_kwargs: dict[str, object]) -> subprocess.Popen[str]:
+def _spawn(
+    body: str, backend_kwargs: dict[str, object], stdin: bool = False
+) -> subprocess.Popen[str]:
+    """Run PRELUDE and ``body``; with ``stdin``, then a REPL reading statements from it."""
     script = PRELUDE + textwrap.dedent(body)
     return subprocess.Popen(
         [
             sys.executable,
+            *(["-i"] if stdin else []),
             "-c",
             script,
             str(backend_kwargs["backend"]),
             repr(backend_kwargs["backend_options"]),
         ],
+        stdin=subprocess.PIPE if stdin else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -163,3 +172,50 @@ time.sleep(3600)
         process.wait()
     assert elapsed < 2.0, f"took {elapsed:.2f} s to exit after Ctrl-C:\n{stderr}"
     assert "KeyboardInterrupt" in stderr
+
+
+class _Ended(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed: float  # from the last SIGINT, or the start, to the end of the process
+
+
+def _run(body: str, backend_kwargs: dict[str, object], stdin: str | None = None) -> _Ended:
+    process = _spawn(body, backend_kwargs, stdin=stdin is not None)
+    started = time.monotonic()
+    try:
+        stdout, stderr = process.communicate(stdin, timeout=20)
+    finally:
+        process.kill()
+        process.wait()
+    return _Ended(process.returncode, stdout, stderr, time.monotonic() - started)
+
+
+def test_a_ctrl_c_handled_by_an_interactive_interpreter_is_not_the_exit(
+    backend_kwargs: dict[str, object],
+) -> None:
+    # code.InteractiveInterpreter shows the KeyboardInterrupt and records it in
+    # sys.last_exc; the script then ends normally and its work must finish.
+    body = """
+import code
+pool = PortalPool(2, backend=backend, backend_options=options)
+code.InteractiveInterpreter().runsource("raise KeyboardInterrupt")
+pool.submit(slow_value, 7).add_done_callback(print_result)
+"""
+    ended = _run(body, backend_kwargs)
+    assert ended.returncode == 0, ended.stderr
+    assert "done 7" in ended.stdout
+
+
+def test_a_ctrl_c_handled_by_the_repl_is_not_the_exit(backend_kwargs: dict[str, object]) -> None:
+    # python -i reads statements from stdin; the REPL handles the KeyboardInterrupt and
+    # goes on, then the session ends at EOF.
+    statements = """
+pool = PortalPool(2, backend=backend, backend_options=options)
+raise KeyboardInterrupt
+pool.submit(slow_value, 7).add_done_callback(print_result)
+"""
+    ended = _run("", backend_kwargs, stdin=textwrap.dedent(statements))
+    assert ended.returncode == 0, ended.stderr
+    assert "done 7" in ended.stdout
