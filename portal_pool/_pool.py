@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import sys
 import threading
 import time
@@ -21,7 +23,7 @@ from concurrent.futures import Executor, Future, wait
 from contextlib import AbstractAsyncContextManager, suppress
 from functools import partial
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
 import anyio
 
@@ -564,9 +566,16 @@ def _at_interpreter_exit() -> None:
     # lets submitted work finish, as ThreadPoolExecutor does; one that is ending on an
     # uncaught Ctrl-C cancels it instead of hanging on it.
     workers = list(_live_workers)
-    _stop_workers(workers, _ending_on_ctrl_c())
-    with suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting, let Python exit
+    if not workers:
+        return
+    on_ctrl_c = _ending_on_ctrl_c()
+    try:
+        _stop_workers(workers, on_ctrl_c)
         _join_workers(workers)
+    except BaseException as exc:
+        # Returning would report success after a Ctrl-C, and the interpreter would go
+        # on to wait, without bound, for any worker thread still cleaning up.
+        _end_process(exc, workers)
 
 
 def _ending_on_ctrl_c() -> bool:
@@ -584,6 +593,49 @@ def _ending_on_ctrl_c() -> bool:
     if not isinstance(last, KeyboardInterrupt) or last.__traceback__ is None:
         return False
     return last.__traceback__.tb_frame.f_back is None
+
+
+def _end_process(interrupt: BaseException, workers: Iterable[Worker[Any]]) -> NoReturn:
+    """End the process after an interrupt at interpreter exit, as if it were uncaught."""
+    stuck = sum(worker._thread.is_alive() for worker in workers)
+    if stuck:
+        what = f"stopped waiting for {stuck} worker thread{'s' if stuck > 1 else ''}"
+    else:
+        what = "cancelled the work still running"
+    with suppress(Exception):  # stderr may be closed
+        print(
+            f"{type(interrupt).__name__}: portal_pool {what} at interpreter exit", file=sys.stderr
+        )
+    if not stuck:
+        # Nothing of the pool's can hold them up any more: the atexit handlers run, as
+        # they would after an uncaught exception.
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    if isinstance(interrupt, KeyboardInterrupt):
+        if os.name == "posix":
+            # As CPython ends after an uncaught KeyboardInterrupt: killed by SIGINT, so
+            # a shell sees status 130 and a calling script stops too.
+            with suppress(OSError, ValueError):
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.raise_signal(signal.SIGINT)
+            os._exit(130)  # this thread blocks SIGINT
+        os._exit(0xC000013A)  # Windows: STATUS_CONTROL_C_EXIT, CPython's status there
+    os._exit(_exit_status(interrupt))
+
+
+def _exit_status(exc: BaseException) -> int:
+    """The status Python exits with when ``exc`` is uncaught."""
+    if not isinstance(exc, SystemExit):
+        return 1
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    with suppress(Exception):
+        print(exc.code, file=sys.stderr, flush=True)
+    return 1
 
 
 # The same hook ThreadPoolExecutor uses: atexit.register would run only after the

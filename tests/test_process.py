@@ -25,6 +25,19 @@ async def slow_value(n):
     await anyio.sleep(0.2)
     return n
 
+def announce_joins():
+    # Print "joining" once portal_pool waits for a worker thread, so a signal sent
+    # after that line lands in the wait, not before it.
+    import portal_pool._pool as pool_module
+    ended = pool_module._thread_ended
+    said = []
+    def announcing(worker, seconds):
+        if not said:
+            said.append(sys.stdout.write("joining\\n"))
+            sys.stdout.flush()
+        return ended(worker, seconds)
+    pool_module._thread_ended = announcing
+
 def print_result(future):
     print("done", future.result(), flush=True)
 """
@@ -181,6 +194,43 @@ class _Ended(NamedTuple):
     elapsed: float  # from the last SIGINT, or the start, to the end of the process
 
 
+def _interrupt(process: subprocess.Popen[str], *steps: set[str]) -> _Ended:
+    """For each step, read its lines (in any order), then send SIGINT; wait for the end."""
+    assert process.stdout is not None
+    try:
+        for lines in steps:
+            seen = {process.stdout.readline().strip() for _ in lines}
+            assert seen == lines
+            interrupted_at = time.monotonic()
+            os.kill(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=20)
+        return _Ended(process.returncode, stdout, stderr, time.monotonic() - interrupted_at)
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_during_the_exit_wait_ends_with_the_ctrl_c_status_and_one_line(
+    backend_kwargs: dict[str, object],
+) -> None:
+    body = """
+import atexit
+atexit.register(print, "atexit handler ran", flush=True)
+announce_joins()
+pool = PortalPool(2, backend=backend, backend_options=options)
+pool.submit(forever)
+# the script ends here, without shutdown(): the exit waits for the work
+"""
+    ended = _interrupt(_spawn(body, backend_kwargs), {"joining"})
+    assert ended.elapsed < 2.0
+    # As after an uncaught KeyboardInterrupt: killed by SIGINT, which a shell shows as 130.
+    assert ended.returncode == -signal.SIGINT
+    assert len(ended.stderr.splitlines()) == 1, ended.stderr
+    assert ended.stderr.startswith("KeyboardInterrupt")
+    assert "atexit handler ran" in ended.stdout  # the clean-up finished: the exit goes on
+
+
 def _run(body: str, backend_kwargs: dict[str, object], stdin: str | None = None) -> _Ended:
     process = _spawn(body, backend_kwargs, stdin=stdin is not None)
     started = time.monotonic()
@@ -219,3 +269,31 @@ pool.submit(slow_value, 7).add_done_callback(print_result)
     ended = _run("", backend_kwargs, stdin=textwrap.dedent(statements))
     assert ended.returncode == 0, ended.stderr
     assert "done 7" in ended.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_another_signal_handler_interrupting_the_exit_wait_sets_the_status(
+    backend_kwargs: dict[str, object],
+) -> None:
+    # A SIGTERM handler that exits, as many services install, landing in the exit wait:
+    # the work is cancelled and the process ends with the status the handler asked for.
+    body = """
+import signal
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+announce_joins()
+pool = PortalPool(2, backend=backend, backend_options=options)
+pool.submit(forever)
+"""
+    process = _spawn(body, backend_kwargs)
+    assert process.stdout is not None
+    try:
+        assert process.stdout.readline().strip() == "joining"
+        process.terminate()
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 3
+    assert stderr.splitlines() == [
+        "SystemExit: portal_pool cancelled the work still running at interpreter exit"
+    ]
