@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import sys
 import threading
 import time
@@ -21,7 +23,7 @@ from concurrent.futures import Executor, Future, wait
 from contextlib import AbstractAsyncContextManager, suppress
 from functools import partial
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
 import anyio
 
@@ -52,6 +54,17 @@ _MASK64 = (1 << 64) - 1
 
 # Workers of every pool not yet joined, for the interpreter-exit hook below.
 _live_workers: weakref.WeakSet[Worker[Any]] = weakref.WeakSet()
+# Set by that hook. Held while a pool registers its workers, so a pool starting in
+# another thread is either seen by the hook or refused.
+_exit_lock = threading.Lock()
+_exiting = False
+# Whether trio knows that leaving ``async with`` must not be interrupted mid-step.
+_exit_protected = False
+EXITING_MESSAGE = (
+    "cannot start a PortalPool while the interpreter is exiting (in an atexit handler, "
+    "say): nothing would wait for its work to finish; submit the work before the "
+    "program ends"
+)
 
 
 class PortalPool(Executor, Generic[C]):
@@ -79,6 +92,8 @@ class PortalPool(Executor, Generic[C]):
     :raises ImportError: if the backend's package is not installed
     :raises BrokenPortalPool: if a worker's loop or ``worker_context`` fails to start;
         no thread is left running
+    :raises RuntimeError: once the interpreter is exiting (in an ``atexit`` handler, or
+        a thread still running then), where nothing would wait for the pool's work
     """
 
     def __init__(
@@ -94,6 +109,8 @@ class PortalPool(Executor, Generic[C]):
         max_pending: int | None = None,
         stall_timeout: float | None = None,
     ) -> None:
+        if _exiting:  # checked again as the workers register, under the lock
+            raise RuntimeError(EXITING_MESSAGE)
         if max_workers is None:
             max_workers = _cpu_count()
         elif max_workers <= 0:
@@ -146,9 +163,12 @@ class PortalPool(Executor, Generic[C]):
         self._finalizer.atexit = False
 
     def _start_workers(self) -> None:
+        with _exit_lock:
+            if _exiting:
+                raise RuntimeError(EXITING_MESSAGE)
+            _live_workers.update(self._workers)
         try:
             for worker in self._workers:
-                _live_workers.add(worker)
                 worker._start()
             for worker in self._workers:
                 wait_in_slices(partial(_resolved, worker._ready))
@@ -163,7 +183,7 @@ class PortalPool(Executor, Generic[C]):
         except BaseException as exc:
             # Ctrl-C during startup, or a worker that could not start: leave nothing.
             _stop_workers(self._workers, True)
-            _join_workers(self._workers)
+            _join_workers(self._workers, isinstance(exc, KeyboardInterrupt))
             if isinstance(exc, Exception) and not isinstance(exc, BrokenPortalPool):
                 # No thread could be started, say.
                 raise BrokenPortalPool(f"a worker failed to start: {safe_repr(exc)}") from exc
@@ -440,10 +460,14 @@ class PortalPool(Executor, Generic[C]):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
-        # A block left by an exception (Ctrl-C included) does not wait for the work.
-        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        # A block left by an exception (Ctrl-C included) does not wait for the work. Left
+        # by a Ctrl-C, the next one is the second: it stops the wait for the clean-up.
+        self._check_not_in_own_loop("leaving 'with'")
+        self._begin_shutdown(exc_type is not None)
+        self._join(isinstance(exc_val, KeyboardInterrupt))
 
     async def __aenter__(self) -> PortalPool[C]:
+        _protect_exit_from_trio_ctrl_c()
         return self
 
     async def __aexit__(
@@ -452,19 +476,28 @@ class PortalPool(Executor, Generic[C]):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
+        # On trio, KI-protected: a Ctrl-C arrives at one of the awaits below, never
+        # between two steps of the shutdown (see _protect_exit_from_trio_ctrl_c).
         self._check_not_in_own_loop("leaving 'async with'")
         self._begin_shutdown(exc_type is not None)
         try:
-            for worker in self._workers:
-                await wait_future(worker._exited)
-        except BaseException:
+            await self._workers_exited()
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt) and isinstance(exc_val, KeyboardInterrupt):
+                raise  # the second Ctrl-C, the block having been left by the first
+            # Cancelled, or a first Ctrl-C: cancel what is left, wait for its clean-up.
+            # On trio a Ctrl-C still gets through the shield: that is the second one.
             _stop_workers(self._workers, True)
             with anyio.CancelScope(shield=True):
-                for worker in self._workers:
-                    await wait_future(worker._exited)
+                await self._workers_exited()
             raise
         finally:
-            self._join()
+            if all(worker._exited.done() for worker in self._workers):
+                self._join()  # every thread is past its last step: no real wait
+
+    async def _workers_exited(self) -> None:
+        for worker in self._workers:
+            await wait_future(worker._exited)
 
     def _check_open(self) -> None:
         if self._shutdown:
@@ -476,8 +509,8 @@ class PortalPool(Executor, Generic[C]):
         self._shutdown = True
         _close(self._workers, self._pending_limit, self._watchdog, cancel=cancel)
 
-    def _join(self) -> None:
-        _join_workers(self._workers)
+    def _join(self, interrupted: bool = False) -> None:
+        _join_workers(self._workers, interrupted)
         if self._watchdog is not None:
             self._watchdog.stop(wait=True)
 
@@ -560,17 +593,41 @@ def _stop_workers(workers: Iterable[Worker[Any]], cancel: bool) -> None:
         worker._request_stop(cancel)
 
 
-def _join_workers(workers: Iterable[Worker[Any]]) -> None:
-    """Join every worker thread; an interrupt while waiting cancels what is left."""
+def _protect_exit_from_trio_ctrl_c() -> None:
+    """Have trio deliver a Ctrl-C that lands in ``PortalPool.__aexit__`` at an await.
+
+    trio raises KeyboardInterrupt at whatever line runs, unless that code is KI-protected.
+    Landing between two steps of the exit, it would leave the workers running, a stop
+    half sent, or a lock held for good. Done on entering the block, not at import:
+    portal_pool does not import trio, and a trio caller has loaded it by then.
+    """
+    global _exit_protected
+    trio = sys.modules.get("trio")
+    if trio is not None and not _exit_protected:
+        # The function as defined here, even when a subclass overrides the method.
+        trio.lowlevel.enable_ki_protection(vars(PortalPool)["__aexit__"])
+        _exit_protected = True
+
+
+def _join_workers(workers: Iterable[Worker[Any]], interrupted_before: bool = False) -> None:
+    """Join every worker thread; an interrupt while waiting cancels what is left.
+
+    The first interrupt (Ctrl-C, or an exception from another signal handler) cancels the
+    work, waits for its clean-up, then is raised. The second is raised at once: the user
+    insists. With ``interrupted_before`` (the wait is itself the consequence of a
+    Ctrl-C), the first one here is that second one.
+    """
     interrupted: BaseException | None = None
     pending = [worker for worker in workers if worker._thread.ident is not None]
     while pending:
         try:
-            wait_in_slices(partial(_joined, pending[0]._thread))
+            # Not Thread.join(timeout): up to Python 3.12, an interrupt landing in it
+            # marks the thread stopped while it still runs, and nothing waits for it again.
+            wait_in_slices(partial(_thread_ended, pending[0]))
+            pending[0]._thread.join()  # it is past its last step: no real wait
         except BaseException as exc:
-            if interrupted is not None:
-                raise  # a second Ctrl-C: the user insists, stop waiting
-            # The first Ctrl-C: cancel what is left, then wait for its cleanup.
+            if interrupted_before or interrupted is not None:
+                raise
             interrupted = exc
             _stop_workers(pending, True)
             continue
@@ -583,26 +640,108 @@ def _resolved(future: Future[Any], seconds: float) -> bool:
     return bool(wait((future,), seconds).done)
 
 
-def _joined(thread: threading.Thread, seconds: float) -> bool:
-    thread.join(seconds)
-    return not thread.is_alive()
+def _thread_ended(worker: Worker[Any], seconds: float) -> bool:
+    return _resolved(worker._exited, seconds)
 
 
 def _at_interpreter_exit() -> None:
     # Runs before the interpreter joins non-daemon threads. A script that ends normally
-    # lets submitted work finish, as ThreadPoolExecutor does; one that is ending because
-    # of an uncaught Ctrl-C cancels it instead of hanging on it.
+    # lets submitted work finish, as ThreadPoolExecutor does; one that is ending on an
+    # uncaught Ctrl-C cancels it instead of hanging on it.
+    global _exiting
+    with _exit_lock:
+        _exiting = True  # nothing would wait for the work of a pool started after this
+        workers = list(_live_workers)
+    if not workers:
+        return
+    presses = _ctrl_c_presses()
+    try:
+        _stop_workers(workers, presses > 0)
+        if presses > 1 and any(worker._thread.is_alive() for worker in workers):
+            # Ctrl-C came again while the work was being cancelled: stop waiting.
+            _end_process(KeyboardInterrupt(), workers)
+        _join_workers(workers, presses > 0)
+    except BaseException as exc:
+        # Returning would report success after a Ctrl-C, and the interpreter would go
+        # on to wait, without bound, for any worker thread still cleaning up.
+        _end_process(exc, workers)
+
+
+def _ctrl_c_presses() -> int:
+    """How many Ctrl-Cs the program is ending on; 0 for a normal end.
+
+    Decided from this exit. ``sys.last_exc`` alone is history: an interactive session
+    (the REPL, ``code.InteractiveInterpreter``) sets it for every exception it showed and
+    went on after. It describes the exit only outside interactive mode, and only if it
+    escaped every frame, as an uncaught exception does: one that Python code caught has a
+    traceback starting in a frame that had a caller. A Ctrl-C pressed while the first one
+    was being handled (in a ``with`` block's exit, say) is chained to it.
+    """
+    if hasattr(sys, "ps1"):  # interactive mode: the session ends on EOF or exit()
+        return 0
     last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    workers = list(_live_workers)
-    _stop_workers(workers, isinstance(last, KeyboardInterrupt))
-    with suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting, let Python exit
-        _join_workers(workers)
+    if not isinstance(last, KeyboardInterrupt):
+        return 0
+    if last.__traceback__ is None or last.__traceback__.tb_frame.f_back is not None:
+        return 0
+    presses = 0
+    chained: BaseException | None = last
+    while chained is not None and presses < 2:
+        presses += isinstance(chained, KeyboardInterrupt)
+        chained = chained.__context__
+    return presses
+
+
+def _end_process(interrupt: BaseException, workers: Iterable[Worker[Any]]) -> NoReturn:
+    """End the process after an interrupt at interpreter exit, as if it were uncaught."""
+    stuck = sum(worker._thread.is_alive() for worker in workers)
+    if stuck:
+        what = f"stopped waiting for {stuck} worker thread{'s' if stuck > 1 else ''}"
+    else:
+        what = "cancelled the work still running"
+    with suppress(Exception):  # stderr may be closed
+        print(
+            f"{type(interrupt).__name__}: portal_pool {what} at interpreter exit", file=sys.stderr
+        )
+    if not stuck:
+        # Nothing of the pool's can hold them up any more: the atexit handlers run, as
+        # they would after an uncaught exception.
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    if isinstance(interrupt, KeyboardInterrupt):
+        if os.name == "posix":
+            # As CPython ends after an uncaught KeyboardInterrupt: killed by SIGINT, so
+            # a shell sees status 130 and a calling script stops too.
+            with suppress(OSError, ValueError):
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.raise_signal(signal.SIGINT)
+            os._exit(130)  # this thread blocks SIGINT
+        os._exit(0xC000013A)  # Windows: STATUS_CONTROL_C_EXIT, CPython's status there
+    os._exit(_exit_status(interrupt))
+
+
+def _exit_status(exc: BaseException) -> int:
+    """The status Python exits with when ``exc`` is uncaught."""
+    if not isinstance(exc, SystemExit):
+        return 1
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    with suppress(Exception):
+        print(exc.code, file=sys.stderr, flush=True)
+    return 1
 
 
 def _after_fork_in_child() -> None:
     # A forked child has copies of the pools but none of their threads: every copy
     # refuses work and fails what was in flight, instead of accepting work that never
-    # runs. The exit hook then has nothing to wait for.
+    # runs. The exit hook then has nothing to wait for, and its lock is new: a thread
+    # that held the old one at the fork does not exist here.
+    global _exit_lock
+    _exit_lock = threading.Lock()
     workers = list(_live_workers)
     _live_workers.clear()
     limits = {id(w._pending_limit): w._pending_limit for w in workers if w._pending_limit}

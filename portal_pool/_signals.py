@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable
 
 # Python notices a signal only between bytecodes. One that lands after the last check but
@@ -10,6 +9,14 @@ from collections.abc import Callable
 # wait may be never: the main thread's waits on the pool therefore block in slices this
 # long, and each return to Python delivers a pending Ctrl-C. One wake-up per slice per
 # waiting thread costs nothing measurable.
+#
+# The slices are also why worker threads leave their signal mask alone. Python runs signal
+# handlers in the main thread only, whichever thread the kernel interrupted; Linux gives a
+# process-directed signal to the main thread unless that thread blocks it, and a signal that
+# lands on another thread still reaches a waiting main thread within one slice. A blocked
+# mask would buy nothing more, and everything a task starts would inherit it: child
+# processes that ignore terminate() and Ctrl-C, and threads that outlive the pool, such as
+# trio's cached to_thread workers.
 SIGNAL_CHECK_INTERVAL = 0.25
 
 
@@ -17,34 +24,3 @@ def wait_in_slices(wait: Callable[[float], bool]) -> None:
     """Call ``wait(SIGNAL_CHECK_INTERVAL)`` until it returns true."""
     while not wait(SIGNAL_CHECK_INTERVAL):
         pass  # the loop's back edge is where Python runs a pending signal handler
-
-
-# Signals that are about the process, not about the code a thread runs.
-PROCESS_SIGNALS = {
-    getattr(signal, name)
-    for name in (
-        "SIGINT",
-        "SIGTERM",
-        "SIGHUP",
-        "SIGQUIT",
-        "SIGUSR1",
-        "SIGUSR2",
-        "SIGALRM",
-        "SIGCHLD",
-        "SIGWINCH",
-        "SIGPIPE",
-    )
-    if hasattr(signal, name)
-}
-
-
-def block_process_signals() -> None:
-    """Keep process signals off this thread so the kernel delivers them to the main one.
-
-    Python runs signal handlers in the main thread only, but the kernel may deliver a
-    signal to any thread that does not block it. A Ctrl-C that lands on a worker thread
-    sets Python's flag without waking a main thread blocked in ``future.result()``, and
-    Ctrl-C seems ignored until that wait ends. Threads this one starts inherit the mask.
-    """
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)

@@ -32,7 +32,6 @@ from ._exceptions import BrokenPortalPool, safe_repr
 from ._flow import FORK_MESSAGE, SHUTDOWN_MESSAGE, PendingLimit
 from ._future import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, TaskFuture
 from ._runtime import Runtime, make_runtime
-from ._signals import block_process_signals
 from ._statistics import WorkerStatistics
 from ._tokens import call_soon_or_drop
 
@@ -621,7 +620,6 @@ class Worker(Generic[C_co]):
         self._runtime.request_stop(cancel)
 
     def _thread_main(self) -> None:
-        block_process_signals()
         self._thread_ident = threading.get_ident()
         _thread_state.worker = self
         try:
