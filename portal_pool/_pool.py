@@ -437,6 +437,10 @@ class PortalPool(Executor, Generic[C]):
 
         Safe to call more than once and from several threads.
 
+        A first Ctrl-C while it waits cancels what is left and waits for its clean-up; a
+        second stops waiting. Called while a Ctrl-C is being handled (in the exit of a
+        ``with`` block it left, or an ``except`` clause), the next one is the second.
+
         :param wait: wait until every task has finished and every thread has exited
         :param cancel_futures: cancel every unfinished task, queued or running: nothing
             queued starts after this call, and running tasks get a cancellation in
@@ -452,7 +456,7 @@ class PortalPool(Executor, Generic[C]):
             self._check_not_awaited_by_own_task("shutdown(wait=True)")
         self._begin_shutdown(cancel_futures)
         if wait:
-            self._join()
+            self._join(isinstance(sys.exc_info()[1], KeyboardInterrupt))
 
     def __exit__(
         self,
@@ -460,11 +464,8 @@ class PortalPool(Executor, Generic[C]):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
-        # A block left by an exception (Ctrl-C included) does not wait for the work. Left
-        # by a Ctrl-C, the next one is the second: it stops the wait for the clean-up.
-        self._check_not_in_own_loop("leaving 'with'")
-        self._begin_shutdown(exc_type is not None)
-        self._join(isinstance(exc_val, KeyboardInterrupt))
+        # A block left by an exception (Ctrl-C included) does not wait for the work.
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
 
     async def __aenter__(self) -> PortalPool[C]:
         _protect_exit_from_trio_ctrl_c()
