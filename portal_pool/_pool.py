@@ -157,7 +157,7 @@ class PortalPool(Executor, Generic[C]):
         except BaseException as exc:
             # Ctrl-C during startup, or a worker that could not start: leave nothing.
             _stop_workers(self._workers, True)
-            _join_workers(self._workers)
+            _join_workers(self._workers, isinstance(exc, KeyboardInterrupt))
             if isinstance(exc, Exception):
                 raise BrokenPortalPool(f"a worker failed to start: {exc!r}") from exc
             raise
@@ -406,6 +406,10 @@ class PortalPool(Executor, Generic[C]):
 
         Safe to call more than once and from several threads.
 
+        A first Ctrl-C while it waits cancels what is left and waits for its clean-up; a
+        second stops waiting. Called while a Ctrl-C is being handled (in the exit of a
+        ``with`` block it left, or an ``except`` clause), the next one is the second.
+
         :param wait: wait until every task has finished and every thread has exited
         :param cancel_futures: cancel every unfinished task, queued or running
         :raises RuntimeError: if ``wait`` is true and this is called from one of the
@@ -415,7 +419,7 @@ class PortalPool(Executor, Generic[C]):
             self._check_not_in_own_loop("shutdown(wait=True)")
         self._begin_shutdown(cancel_futures)
         if wait:
-            self._join()
+            self._join(isinstance(sys.exc_info()[1], KeyboardInterrupt))
 
     def __exit__(
         self,
@@ -458,8 +462,8 @@ class PortalPool(Executor, Generic[C]):
             self._shutdown = True
         _close(self._workers, self._pending_limit, self._watchdog, cancel=cancel)
 
-    def _join(self) -> None:
-        _join_workers(self._workers)
+    def _join(self, interrupted: bool = False) -> None:
+        _join_workers(self._workers, interrupted)
         if self._watchdog is not None:
             self._watchdog.stop(wait=True)
 
@@ -531,8 +535,14 @@ def _stop_workers(workers: Iterable[Worker[Any]], cancel: bool) -> None:
         worker._request_stop(cancel)
 
 
-def _join_workers(workers: Iterable[Worker[Any]]) -> None:
-    """Join every worker thread; an interrupt while waiting cancels what is left."""
+def _join_workers(workers: Iterable[Worker[Any]], interrupted_before: bool = False) -> None:
+    """Join every worker thread; an interrupt while waiting cancels what is left.
+
+    The first interrupt (Ctrl-C, or an exception from another signal handler) cancels the
+    work, waits for its clean-up, then is raised. The second is raised at once: the user
+    insists. With ``interrupted_before`` (the wait is itself the consequence of a
+    Ctrl-C), the first one here is that second one.
+    """
     interrupted: BaseException | None = None
     pending = [worker for worker in workers if worker._thread.ident is not None]
     while pending:
@@ -542,9 +552,8 @@ def _join_workers(workers: Iterable[Worker[Any]]) -> None:
             wait_in_slices(partial(_thread_ended, pending[0]))
             pending[0]._thread.join()  # it is past its last step: no real wait
         except BaseException as exc:
-            if interrupted is not None:
-                raise  # a second Ctrl-C: the user insists, stop waiting
-            # The first Ctrl-C: cancel what is left, then wait for its cleanup.
+            if interrupted_before or interrupted is not None:
+                raise
             interrupted = exc
             _stop_workers(pending, True)
             continue
@@ -568,31 +577,42 @@ def _at_interpreter_exit() -> None:
     workers = list(_live_workers)
     if not workers:
         return
-    on_ctrl_c = _ending_on_ctrl_c()
+    presses = _ctrl_c_presses()
     try:
-        _stop_workers(workers, on_ctrl_c)
-        _join_workers(workers)
+        _stop_workers(workers, presses > 0)
+        if presses > 1 and any(worker._thread.is_alive() for worker in workers):
+            # Ctrl-C came again while the work was being cancelled: stop waiting.
+            _end_process(KeyboardInterrupt(), workers)
+        _join_workers(workers, presses > 0)
     except BaseException as exc:
         # Returning would report success after a Ctrl-C, and the interpreter would go
         # on to wait, without bound, for any worker thread still cleaning up.
         _end_process(exc, workers)
 
 
-def _ending_on_ctrl_c() -> bool:
-    """Whether the program is ending on an uncaught Ctrl-C, decided from this exit.
+def _ctrl_c_presses() -> int:
+    """How many Ctrl-Cs the program is ending on; 0 for a normal end.
 
-    ``sys.last_exc`` alone is history: an interactive session (the REPL,
-    ``code.InteractiveInterpreter``) sets it for every exception it showed and went on
-    after. It describes the exit only outside interactive mode, and only if it escaped
-    every frame, as an uncaught exception does: one that Python code caught has a
-    traceback starting in a frame that had a caller.
+    Decided from this exit. ``sys.last_exc`` alone is history: an interactive session
+    (the REPL, ``code.InteractiveInterpreter``) sets it for every exception it showed and
+    went on after. It describes the exit only outside interactive mode, and only if it
+    escaped every frame, as an uncaught exception does: one that Python code caught has a
+    traceback starting in a frame that had a caller. A Ctrl-C pressed while the first one
+    was being handled (in a ``with`` block's exit, say) is chained to it.
     """
     if hasattr(sys, "ps1"):  # interactive mode: the session ends on EOF or exit()
-        return False
+        return 0
     last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    if not isinstance(last, KeyboardInterrupt) or last.__traceback__ is None:
-        return False
-    return last.__traceback__.tb_frame.f_back is None
+    if not isinstance(last, KeyboardInterrupt):
+        return 0
+    if last.__traceback__ is None or last.__traceback__.tb_frame.f_back is not None:
+        return 0
+    presses = 0
+    chained: BaseException | None = last
+    while chained is not None and presses < 2:
+        presses += isinstance(chained, KeyboardInterrupt)
+        chained = chained.__context__
+    return presses
 
 
 def _end_process(interrupt: BaseException, workers: Iterable[Worker[Any]]) -> NoReturn:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import pytest
 
 PRELUDE = """
-import faulthandler, sys, anyio
+import faulthandler, os, sys, anyio
 faulthandler.dump_traceback_later(8, exit=True)  # a hang shows its stacks, then exits
 from portal_pool import PortalPool
 backend, options = sys.argv[1], eval(sys.argv[2])
@@ -25,6 +25,24 @@ async def slow_value(n):
     await anyio.sleep(0.2)
     return n
 
+def say(line):
+    # One unbuffered write: a Ctrl-C landing in a buffered flush can write a line twice,
+    # and other threads print too.
+    os.write(1, f"{line}\\n".encode())
+
+import threading
+stubborn_running = threading.Event()
+
+async def stubborn(*_):
+    # Cancelled, it cleans up for good: only a second Ctrl-C gets past it.
+    stubborn_running.set()
+    try:
+        await anyio.sleep(3600)
+    finally:
+        say("cleaning up")
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(3600)
+
 def announce_joins():
     # Print "joining" once portal_pool waits for a worker thread, so a signal sent
     # after that line lands in the wait, not before it.
@@ -33,8 +51,8 @@ def announce_joins():
     said = []
     def announcing(worker, seconds):
         if not said:
-            said.append(sys.stdout.write("joining\\n"))
-            sys.stdout.flush()
+            said.append(True)  # first: the Ctrl-C may land as soon as the line is out
+            say("joining")
         return ended(worker, seconds)
     pool_module._thread_ended = announcing
 
@@ -207,7 +225,7 @@ def _interrupt(process: subprocess.Popen[str], *steps: set[str]) -> _Ended:
         return _Ended(process.returncode, stdout, stderr, time.monotonic() - interrupted_at)
     finally:
         process.kill()
-        process.wait()
+        process.communicate()  # and close the pipes
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -231,6 +249,60 @@ pool.submit(forever)
     assert "atexit handler ran" in ended.stdout  # the clean-up finished: the exit goes on
 
 
+SECOND_CTRL_C_SCENARIOS = {
+    # The script ends normally: the first Ctrl-C cancels the work the exit waits for.
+    "at_exit": """
+import atexit
+atexit.register(print, "atexit handler ran", flush=True)
+announce_joins()
+pool = PortalPool(1, backend=backend, backend_options=options)
+pool.submit(stubborn)
+stubborn_running.wait()
+""",
+    # The first Ctrl-C leaves the block, which cancels the work and waits for it.
+    "with_block": """
+import atexit
+atexit.register(print, "atexit handler ran", flush=True)
+with PortalPool(1, backend=backend, backend_options=options) as pool:
+    future = pool.submit(stubborn)
+    stubborn_running.wait()
+    announce_joins()
+    say("ready")
+    future.result()
+""",
+    # The first Ctrl-C escapes the script: the exit cancels the work and waits for it.
+    "uncaught": """
+import atexit
+atexit.register(print, "atexit handler ran", flush=True)
+pool = PortalPool(1, backend=backend, backend_options=options)
+future = pool.submit(stubborn)
+stubborn_running.wait()
+announce_joins()
+say("ready")
+future.result()
+""",
+}
+# The lines to read before each Ctrl-C: the second lands once the first has cancelled
+# the work and portal_pool waits for its clean-up.
+SECOND_CTRL_C_STEPS = {
+    "at_exit": ({"joining"}, {"cleaning up"}),
+    "with_block": ({"ready"}, {"cleaning up", "joining"}),
+    "uncaught": ({"ready"}, {"cleaning up", "joining"}),
+}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("scenario", sorted(SECOND_CTRL_C_SCENARIOS))
+def test_a_second_ctrl_c_ends_the_process(backend_kwargs: dict[str, object], scenario: str) -> None:
+    process = _spawn(SECOND_CTRL_C_SCENARIOS[scenario], backend_kwargs)
+    ended = _interrupt(process, *SECOND_CTRL_C_STEPS[scenario])
+    assert ended.elapsed < 2.0, ended.stderr
+    assert ended.returncode == -signal.SIGINT
+    assert ended.stderr.splitlines()[-1].startswith("KeyboardInterrupt"), ended.stderr
+    # A worker thread is still stuck in its clean-up: nothing else waits for it.
+    assert "atexit handler ran" not in ended.stdout
+
+
 def _run(body: str, backend_kwargs: dict[str, object], stdin: str | None = None) -> _Ended:
     process = _spawn(body, backend_kwargs, stdin=stdin is not None)
     started = time.monotonic()
@@ -238,7 +310,7 @@ def _run(body: str, backend_kwargs: dict[str, object], stdin: str | None = None)
         stdout, stderr = process.communicate(stdin, timeout=20)
     finally:
         process.kill()
-        process.wait()
+        process.communicate()  # and close the pipes
     return _Ended(process.returncode, stdout, stderr, time.monotonic() - started)
 
 
@@ -292,7 +364,7 @@ pool.submit(forever)
         _, stderr = process.communicate(timeout=20)
     finally:
         process.kill()
-        process.wait()
+        process.communicate()  # and close the pipes
     assert process.returncode == 3
     assert stderr.splitlines() == [
         "SystemExit: portal_pool cancelled the work still running at interpreter exit"
