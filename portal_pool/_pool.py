@@ -54,6 +54,15 @@ _MASK64 = (1 << 64) - 1
 
 # Workers of every pool not yet joined, for the interpreter-exit hook below.
 _live_workers: weakref.WeakSet[Worker[Any]] = weakref.WeakSet()
+# Set by that hook. Held while a pool registers its workers, so a pool starting in
+# another thread is either seen by the hook or refused.
+_exit_lock = threading.Lock()
+_exiting = False
+EXITING_MESSAGE = (
+    "cannot start a PortalPool while the interpreter is exiting (in an atexit handler, "
+    "say): nothing would wait for its work to finish; submit the work before the "
+    "program ends"
+)
 
 
 class PortalPool(Executor, Generic[C]):
@@ -81,6 +90,8 @@ class PortalPool(Executor, Generic[C]):
     :raises ImportError: if the backend's package is not installed
     :raises BrokenPortalPool: if a worker's loop or ``worker_context`` fails to start;
         no thread is left running
+    :raises RuntimeError: once the interpreter is exiting (in an ``atexit`` handler, or
+        a thread still running then), where nothing would wait for the pool's work
     """
 
     def __init__(
@@ -96,6 +107,8 @@ class PortalPool(Executor, Generic[C]):
         max_pending: int | None = None,
         stall_timeout: float | None = None,
     ) -> None:
+        if _exiting:  # checked again as the workers register, under the lock
+            raise RuntimeError(EXITING_MESSAGE)
         if max_workers is None:
             max_workers = _cpu_count()
         elif max_workers <= 0:
@@ -147,9 +160,12 @@ class PortalPool(Executor, Generic[C]):
         self._finalizer.atexit = False
 
     def _start_workers(self) -> None:
+        with _exit_lock:
+            if _exiting:
+                raise RuntimeError(EXITING_MESSAGE)
+            _live_workers.update(self._workers)
         try:
             for worker in self._workers:
-                _live_workers.add(worker)
                 worker._start()
             for worker in self._workers:
                 wait_in_slices(partial(_resolved, worker._ready))
@@ -574,7 +590,10 @@ def _at_interpreter_exit() -> None:
     # Runs before the interpreter joins non-daemon threads. A script that ends normally
     # lets submitted work finish, as ThreadPoolExecutor does; one that is ending on an
     # uncaught Ctrl-C cancels it instead of hanging on it.
-    workers = list(_live_workers)
+    global _exiting
+    with _exit_lock:
+        _exiting = True  # nothing would wait for the work of a pool started after this
+        workers = list(_live_workers)
     if not workers:
         return
     presses = _ctrl_c_presses()

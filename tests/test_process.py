@@ -314,6 +314,53 @@ def _run(body: str, backend_kwargs: dict[str, object], stdin: str | None = None)
     return _Ended(process.returncode, stdout, stderr, time.monotonic() - started)
 
 
+LATE_POOL_SCENARIOS = {
+    # atexit handlers run after the interpreter has waited for its threads.
+    "atexit_handler": """
+import atexit
+
+def late():
+    try:
+        pool = PortalPool(2, backend=backend, backend_options=options)
+    except RuntimeError as exc:
+        print("refused:", exc, flush=True)
+    else:
+        pool.submit(slow_value, 7).add_done_callback(print_result)
+
+atexit.register(late)
+""",
+    # A thread still running at exit starts one after portal_pool's exit hook has run,
+    # and keeps it: the interpreter would wait for its threads forever.
+    "thread_at_exit": """
+import threading
+hook_ran = threading.Event()
+threading._register_atexit(hook_ran.set)  # registered first, so it runs after ours
+kept = []
+
+def late():
+    hook_ran.wait()
+    try:
+        kept.append(PortalPool(2, backend=backend, backend_options=options))
+    except RuntimeError as exc:
+        print("refused:", exc, flush=True)
+    else:
+        kept[0].submit(slow_value, 7).add_done_callback(print_result)
+
+threading.Thread(target=late).start()
+""",
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(LATE_POOL_SCENARIOS))
+def test_a_pool_started_during_interpreter_exit_is_refused(
+    backend_kwargs: dict[str, object], scenario: str
+) -> None:
+    ended = _run(LATE_POOL_SCENARIOS[scenario], backend_kwargs)
+    assert ended.returncode == 0, ended.stderr
+    assert "refused: cannot start a PortalPool while the interpreter is exiting" in ended.stdout
+    assert ended.stderr == ""
+
+
 def test_a_ctrl_c_handled_by_an_interactive_interpreter_is_not_the_exit(
     backend_kwargs: dict[str, object],
 ) -> None:
