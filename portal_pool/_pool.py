@@ -58,6 +58,8 @@ _live_workers: weakref.WeakSet[Worker[Any]] = weakref.WeakSet()
 # another thread is either seen by the hook or refused.
 _exit_lock = threading.Lock()
 _exiting = False
+# Whether trio knows that leaving ``async with`` must not be interrupted mid-step.
+_exit_protected = False
 EXITING_MESSAGE = (
     "cannot start a PortalPool while the interpreter is exiting (in an atexit handler, "
     "say): nothing would wait for its work to finish; submit the work before the "
@@ -447,6 +449,7 @@ class PortalPool(Executor, Generic[C]):
         self.shutdown(wait=True, cancel_futures=exc_type is not None)
 
     async def __aenter__(self) -> PortalPool[C]:
+        _protect_exit_from_trio_ctrl_c()
         return self
 
     async def __aexit__(
@@ -455,19 +458,28 @@ class PortalPool(Executor, Generic[C]):
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
+        # On trio, KI-protected: a Ctrl-C arrives at one of the awaits below, never
+        # between two steps of the shutdown (see _protect_exit_from_trio_ctrl_c).
         self._check_not_in_own_loop("leaving 'async with'")
         self._begin_shutdown(exc_type is not None)
         try:
-            for worker in self._workers:
-                await wait_future(worker._exited)
-        except BaseException:
+            await self._workers_exited()
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt) and isinstance(exc_val, KeyboardInterrupt):
+                raise  # the second Ctrl-C, the block having been left by the first
+            # Cancelled, or a first Ctrl-C: cancel what is left, wait for its clean-up.
+            # On trio a Ctrl-C still gets through the shield: that is the second one.
             _stop_workers(self._workers, True)
             with anyio.CancelScope(shield=True):
-                for worker in self._workers:
-                    await wait_future(worker._exited)
+                await self._workers_exited()
             raise
         finally:
-            self._join()
+            if all(worker._exited.done() for worker in self._workers):
+                self._join()  # every thread is past its last step: no real wait
+
+    async def _workers_exited(self) -> None:
+        for worker in self._workers:
+            await wait_future(worker._exited)
 
     def _check_open(self) -> None:
         if self._shutdown:
@@ -549,6 +561,22 @@ def _close(
 def _stop_workers(workers: Iterable[Worker[Any]], cancel: bool) -> None:
     for worker in workers:
         worker._request_stop(cancel)
+
+
+def _protect_exit_from_trio_ctrl_c() -> None:
+    """Have trio deliver a Ctrl-C that lands in ``PortalPool.__aexit__`` at an await.
+
+    trio raises KeyboardInterrupt at whatever line runs, unless that code is KI-protected.
+    Landing between two steps of the exit, it would leave the workers running, a stop
+    half sent, or a lock held for good. Done on entering the block, not at import:
+    portal_pool does not import trio, and a trio caller has loaded it by then.
+    """
+    global _exit_protected
+    trio = sys.modules.get("trio")
+    if trio is not None and not _exit_protected:
+        # The function as defined here, even when a subclass overrides the method.
+        trio.lowlevel.enable_ki_protection(vars(PortalPool)["__aexit__"])
+        _exit_protected = True
 
 
 def _join_workers(workers: Iterable[Worker[Any]], interrupted_before: bool = False) -> None:

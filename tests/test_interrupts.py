@@ -1,18 +1,150 @@
-"""Ctrl-C landing at chosen points of the pool's exit paths."""
+"""Ctrl-C landing at chosen points of the pool's exit paths, forced with a tracer."""
 
 from __future__ import annotations
 
+import gc
+import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from types import FrameType
 from typing import Any
 
 import anyio
 import pytest
 
+import portal_pool
 from portal_pool import PortalPool
+
+from .conftest import requires_trio
+
+PACKAGE = os.path.dirname(portal_pool.__file__)
+STDLIB_LOCKS = (os.path.join("concurrent", "futures"), f"{os.sep}threading.py")
+
+
+def _in_the_exit(frame: FrameType) -> bool:
+    """Code that leaving the block runs in the caller's thread, but not trio's own."""
+    path = frame.f_code.co_filename
+    return path.startswith(PACKAGE) or any(part in path for part in STDLIB_LOCKS)
+
+
+class CtrlCAtLine:
+    """Deliver SIGINT to the running trio handler at the ``land_at``-th line traced.
+
+    trio's handler, given the frame of that line, raises KeyboardInterrupt there unless
+    the code is KI-protected, exactly as a real Ctrl-C landing on that line would.
+    ``lines`` counts the lines traced.
+    """
+
+    def __init__(self, land_at: int) -> None:
+        self.land_at = land_at
+        self.lines = 0
+        self.landed = "nowhere"
+
+    def start(self) -> None:
+        sys.settrace(self._calls)
+
+    def _calls(self, frame: FrameType, event: str, arg: object) -> Any:
+        return self._lines if _in_the_exit(frame) else None
+
+    def _lines(self, frame: FrameType, event: str, arg: object) -> Any:
+        if event != "line":
+            return self._lines
+        self.lines += 1
+        if self.lines - 1 != self.land_at:
+            return self._lines
+        sys.settrace(None)
+        code = frame.f_code
+        self.landed = f"{os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+        handler = signal.getsignal(signal.SIGINT)
+        assert callable(handler)
+        handler(signal.SIGINT, frame)
+        return None
+
+
+def _lock_is_free(lock: Any) -> bool:
+    """Whether another thread can take ``lock`` (an RLock held here would pass here)."""
+    taken: list[bool] = []
+
+    def take() -> None:
+        taken.append(lock.acquire(timeout=5))
+        if taken[0]:
+            lock.release()
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    thread.join()
+    return taken[0]
+
+
+async def forever() -> None:
+    await anyio.sleep(3600)
+
+
+def _leave_async_with(
+    backend_kwargs: dict[str, Any], land_at: int, *, by_exception: bool
+) -> tuple[PortalPool[Any], Future[Any], CtrlCAtLine, BaseException | None]:
+    """Leave ``async with pool`` in trio, by an exception or normally, Ctrl-C'd at a line."""
+    import trio
+
+    pool: PortalPool[Any] = PortalPool(1, **backend_kwargs)
+    if by_exception:
+        future = pool.submit(forever)  # cancelled by the exit
+    else:
+        future = pool.submit(anyio.sleep, 0)
+        future.result()  # the exit only waits for the worker to stop
+    ctrl_c = CtrlCAtLine(land_at)
+
+    async def main() -> None:
+        async with pool:
+            ctrl_c.start()  # traced from here: the block's exit
+            if by_exception:
+                raise RuntimeError("leaving the block")
+
+    # No collection while traced: an earlier pool's finalizer would add lines of its own.
+    gc.disable()
+    try:
+        trio.run(main)
+    except RuntimeError:
+        return pool, future, ctrl_c, None
+    except BaseException as exc:
+        return pool, future, ctrl_c, exc
+    finally:
+        sys.settrace(None)
+        gc.enable()
+        pool.shutdown(wait=False, cancel_futures=True)  # only if the test is failing
+    return pool, future, ctrl_c, None
+
+
+@requires_trio
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("by_exception", [True, False], ids=["by exception", "normally"])
+def test_ctrl_c_anywhere_in_leaving_async_with_on_trio_still_cancels_and_joins(
+    backend_kwargs: dict[str, Any], by_exception: bool
+) -> None:
+    *_, counted, interrupt = _leave_async_with(backend_kwargs, -1, by_exception=by_exception)
+    assert interrupt is None
+    assert counted.lines > 20  # the tracer did see the exit
+    for land_at in range(counted.lines):
+        pool, future, ctrl_c, interrupt = _leave_async_with(
+            backend_kwargs, land_at, by_exception=by_exception
+        )
+        where = f"Ctrl-C at traced line {land_at}, {ctrl_c.landed}"
+        if ctrl_c.lines <= land_at:  # this exit took a shorter path (a worker was quicker)
+            assert interrupt is None
+            continue
+        assert isinstance(interrupt, KeyboardInterrupt), where  # re-raised
+        for worker in pool.workers:
+            assert worker._exited.done(), where  # every worker stopped...
+            assert not worker._thread.is_alive(), where  # ...and was joined
+            assert _lock_is_free(worker._lock), where
+        assert future.done(), where
+        if by_exception:
+            assert future.cancelled(), where
+        assert _lock_is_free(future._condition), where
 
 
 def _waiting_for_workers(thread: threading.Thread) -> bool:

@@ -281,6 +281,20 @@ announce_joins()
 say("ready")
 future.result()
 """,
+    # From trio, the first Ctrl-C leaves `async with`, whose exit cancels and waits.
+    "async_with_on_trio": """
+import atexit
+atexit.register(print, "atexit handler ran", flush=True)
+
+async def main():
+    async with PortalPool(1, backend=backend, backend_options=options) as pool:
+        pool.submit(stubborn)
+        await anyio.to_thread.run_sync(stubborn_running.wait)
+        say("ready")
+        await anyio.sleep(3600)
+
+anyio.run(main, backend="trio")
+""",
 }
 # The lines to read before each Ctrl-C: the second lands once the first has cancelled
 # the work and portal_pool waits for its clean-up.
@@ -288,12 +302,15 @@ SECOND_CTRL_C_STEPS = {
     "at_exit": ({"joining"}, {"cleaning up"}),
     "with_block": ({"ready"}, {"cleaning up", "joining"}),
     "uncaught": ({"ready"}, {"cleaning up", "joining"}),
+    "async_with_on_trio": ({"ready"}, {"cleaning up"}),
 }
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("scenario", sorted(SECOND_CTRL_C_SCENARIOS))
 def test_a_second_ctrl_c_ends_the_process(backend_kwargs: dict[str, object], scenario: str) -> None:
+    if scenario.endswith("on_trio"):
+        pytest.importorskip("trio")
     process = _spawn(SECOND_CTRL_C_SCENARIOS[scenario], backend_kwargs)
     ended = _interrupt(process, *SECOND_CTRL_C_STEPS[scenario])
     assert ended.elapsed < 2.0, ended.stderr
