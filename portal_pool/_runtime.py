@@ -159,7 +159,7 @@ class AsyncioRuntime:
     def request_stop(self, cancel: bool) -> None:
         if not self._serving.done():
             self._serving.set_result(None)
-        if cancel:
+        if cancel and not self._cancelling:  # a repeated stop cancels nothing twice
             # Tasks not started yet are cancelled at their first step (the host's
             # _cancelled_by_stop); cancelling them now would skip their cleanup entirely.
             self._cancelling = True

@@ -405,12 +405,13 @@ class Worker(Generic[C_co]):
         # thread): every write below only ever moves the stop forward.
         with self._lock:
             self._closed = True
-            if self._stop_request is True or (self._stop_request is False and not cancel):
-                return
             # One store of what was asked and what is there (no call, so no handler can
-            # run in between): a request that landed after the check above, and did all
-            # this already, is never downgraded by this one.
-            self._stop_request = cancel or self._stop_request or False
+            # run in between): a request that landed after the read, and did all this
+            # already, is never downgraded by this one.
+            self._stop_request = cancel = cancel or self._stop_request or False
+            # A repeated request is sent again, not skipped: an interrupt (a Ctrl-C)
+            # between recording the first and sending it would otherwise leave a stop
+            # that never reaches the loop. Sending it twice is harmless.
             started = self._runtime is not None
             loop_running = self._token is not None
             queued = [f for f in (*self._inbox, *self._reentered) if not f._taken] if cancel else []

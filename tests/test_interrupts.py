@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import linecache
 import os
 import signal
 import sys
@@ -205,3 +206,49 @@ def test_ctrl_c_in_shutdown_cancels_and_waits_for_the_clean_up_and_a_second_stop
     finally:
         release.set()
         presser.join()
+
+
+def test_ctrl_c_between_recording_a_stop_and_sending_it(
+    make_pool: Callable[..., PortalPool[Any]],
+) -> None:
+    """A Ctrl-C that cuts ``shutdown()`` off after the stop is recorded but before it is
+    sent to the loop: the next ``shutdown()`` sends it again, so the work is cancelled
+    and the pool ends, instead of waiting forever for a stop that never arrives."""
+    pool = make_pool(1)
+    started = threading.Event()
+    cleaned_up = threading.Event()
+
+    async def task() -> None:
+        try:
+            started.set()
+            await anyio.sleep_forever()
+        finally:
+            cleaned_up.set()
+
+    future = pool.submit(task)
+    assert started.wait(10)
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        if frame.f_code.co_name != "_request_stop":
+            return None
+
+        def line(frame: FrameType, event: str, arg: object) -> Any:
+            source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            if event == "line" and source == "for future in queued:":
+                raise KeyboardInterrupt  # the lock is released: the stop is recorded
+            return line
+
+        return line
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.shutdown(wait=False, cancel_futures=True)
+    finally:
+        sys.settrace(None)
+    assert pool.workers[0]._stop_request is True  # recorded, never sent
+    assert not pool.workers[0]._lock._is_owned()
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert cleaned_up.wait(10), "the stop never reached the loop"
+    pool.shutdown()
+    assert future.cancelled()
