@@ -1,11 +1,14 @@
-"""Small tools shared by the tests: a loop held busy, and an input that counts its reads."""
+"""Small tools shared by the tests: a loop held busy, an input that counts its reads, and
+a tracer that acts at a chosen line."""
 
 from __future__ import annotations
 
+import linecache
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 
@@ -42,3 +45,23 @@ class CountingSource:
         for item in range(self._count):
             self.consumed += 1
             yield item
+
+
+def at_line(function: str, source: str, action: Callable[[], object]) -> Callable[..., Any]:
+    """A ``sys.settrace`` tracer: call ``action`` when ``function`` is about to run the
+    line whose text is ``source`` (once per call of ``function``)."""
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        if frame.f_code.co_name != function:
+            return None
+
+        def line(frame: FrameType, event: str, arg: object) -> Any:
+            text = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            if event == "line" and text == source:
+                action()
+                return None
+            return line
+
+        return line
+
+    return tracer

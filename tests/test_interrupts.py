@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import linecache
 import os
 import signal
 import sys
@@ -21,6 +20,7 @@ import portal_pool
 from portal_pool import PortalPool
 
 from .conftest import requires_trio
+from .helpers import at_line
 
 PACKAGE = os.path.dirname(portal_pool.__file__)
 STDLIB_LOCKS = (os.path.join("concurrent", "futures"), f"{os.sep}threading.py")
@@ -228,17 +228,10 @@ def test_ctrl_c_between_recording_a_stop_and_sending_it(
     future = pool.submit(task)
     assert started.wait(10)
 
-    def tracer(frame: FrameType, event: str, arg: object) -> Any:
-        if frame.f_code.co_name != "_request_stop":
-            return None
+    def interrupt() -> None:
+        raise KeyboardInterrupt  # after the lock is released: the stop is recorded
 
-        def line(frame: FrameType, event: str, arg: object) -> Any:
-            source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
-            if event == "line" and source == "for future in queued:":
-                raise KeyboardInterrupt  # the lock is released: the stop is recorded
-            return line
-
-        return line
+    tracer = at_line("_request_stop", "for future in queued:", interrupt)
 
     sys.settrace(tracer)
     try:

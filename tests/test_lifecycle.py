@@ -7,7 +7,6 @@ it lets the worker go on. Nothing here waits on a timer.
 
 from __future__ import annotations
 
-import linecache
 import logging
 import sys
 import threading
@@ -23,6 +22,7 @@ import pytest
 from portal_pool import PortalPool
 
 from .faults import ConnectsOnce, kill_current_loop
+from .helpers import at_line
 
 MakePool = Callable[..., PortalPool[Any]]
 TIMEOUT = 10
@@ -237,19 +237,11 @@ def test_cancelling_stop_while_its_queued_work_starts(
         held.set()
         assert release_hold.wait(TIMEOUT)
 
-    def stop_tracer(frame: FrameType, event: str, arg: object) -> Any:
-        if frame.f_code.co_name != "_request_stop":
-            return None
+    def let_the_victim_start() -> None:
+        release_hold.set()
+        assert victim_settled_or_paused.wait(TIMEOUT)
 
-        def line(frame: FrameType, event: str, arg: object) -> Any:
-            source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
-            if event == "line" and source == "for future in queued:":
-                release_hold.set()
-                assert victim_settled_or_paused.wait(TIMEOUT)
-                return None
-            return line
-
-        return line
+    stop_tracer = at_line("_request_stop", "for future in queued:", let_the_victim_start)
 
     with caplog.at_level(logging.DEBUG, logger="portal_pool"):
         holder = pool.submit(hold)
