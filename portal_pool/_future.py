@@ -16,20 +16,42 @@ from concurrent.futures._base import (  # the states are not re-exported publicl
 )
 from contextlib import suppress
 from threading import RLock, Thread, get_ident
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ._signals import wait_in_slices
 
-if TYPE_CHECKING:
-    from ._worker import Worker
-
 T = TypeVar("T")
 
-__all__ = ["CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED", "PENDING", "RUNNING", "TaskFuture"]
+__all__ = [
+    "CANCELLED",
+    "CANCELLED_AND_NOTIFIED",
+    "FINISHED",
+    "PENDING",
+    "RUNNING",
+    "Outcome",
+    "TaskFuture",
+]
+
+# A call's outcome as it travels: (True, value) or (False, exception).
+Outcome = tuple[bool, Any]
 
 
 class _Cancellable(Protocol):
     def cancel(self) -> object: ...
+
+
+class _Owner(Protocol):
+    """The worker a future belongs to, as the future sees it."""
+
+    # The thread that runs the owner's loop in this process, if any: waiting there for
+    # one of its own futures would deadlock.
+    _thread_ident: int | None
+
+    def _request_cancel(self, future: TaskFuture[Any]) -> None: ...
+
+    def _record_exit(self, future: TaskFuture[Any]) -> None: ...
+
+    def _check_not_own_loop(self, what: str) -> None: ...
 
 
 class _FutureCondition:
@@ -145,7 +167,7 @@ class TaskFuture(Future[T]):
 
     def __init__(
         self,
-        worker: Worker[Any],
+        worker: _Owner,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import anyio
 from anyio.lowlevel import current_token
 
-from ._runtime import Outcome
+from ._future import Outcome
 from ._signals import SIGNAL_CHECK_INTERVAL
 from ._tokens import call_soon_or_drop, wait_future
 

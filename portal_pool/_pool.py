@@ -28,8 +28,12 @@ from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 import anyio
 
 from ._backends import check_backend
+from ._callables import check_callable
+from ._chunks import run_chunk_asyncio, run_chunk_trio
 from ._exceptions import BrokenPortalPool, safe_repr
 from ._flow import FORK_MESSAGE, SHUTDOWN_MESSAGE, PendingLimit
+from ._host import Host, LoopSettings
+from ._hosts import make_host
 from ._iteration import (
     Window,
     batched,
@@ -38,13 +42,12 @@ from ._iteration import (
     unordered_results,
     unordered_results_async,
 )
-from ._runtime import run_chunk_asyncio, run_chunk_trio
 from ._scheduler import RoundRobin, Scheduler, make_scheduler
 from ._signals import wait_in_slices
 from ._statistics import PoolStatistics
 from ._tokens import wait_future
 from ._watchdog import StallWatchdog
-from ._worker import Worker, _task_worker, check_callable, wait_for_result
+from ._worker import Worker, _task_worker, wait_for_result
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -88,7 +91,9 @@ class PortalPool(Executor, Generic[C]):
         ``run_async`` waits (without blocking its loop) while the pool is full
     :param stall_timeout: seconds after which an unresponsive worker loop is reported
         on the ``portal_pool`` logger with its thread's stack; ``None`` disables it
-    :raises ValueError: for a bad ``max_workers``, backend, option, policy or limit
+    :param host: where the workers' loops live: ``"thread"`` (a :class:`ThreadHost`),
+        ``"process"`` (a :class:`ProcessHost`), or a host object
+    :raises ValueError: for a bad ``max_workers``, backend, option, policy, limit or host
     :raises ImportError: if the backend's package is not installed
     :raises BrokenPortalPool: if a worker's loop or ``worker_context`` fails to start;
         no thread is left running
@@ -108,6 +113,7 @@ class PortalPool(Executor, Generic[C]):
         max_concurrency: int | None = None,
         max_pending: int | None = None,
         stall_timeout: float | None = None,
+        host: str | Host = "thread",
     ) -> None:
         if _exiting:  # checked again as the workers register, under the lock
             raise RuntimeError(EXITING_MESSAGE)
@@ -128,6 +134,7 @@ class PortalPool(Executor, Generic[C]):
             raise ValueError(
                 f"stall_timeout must be None or > 0 seconds, got {safe_repr(stall_timeout)}"
             )
+        self._host = make_host(host)
         self._backend = backend
         self._run_chunk = run_chunk_trio if backend == "trio" else run_chunk_asyncio
         self._scheduler = make_scheduler(schedule)
@@ -135,17 +142,17 @@ class PortalPool(Executor, Generic[C]):
         self._next_index = 0
         self._pending_limit = None if max_pending is None else PendingLimit(max_pending)
         self._shutdown = False
+        settings = LoopSettings(
+            backend=backend,
+            backend_options=options,
+            context_factory=worker_context,
+            thread_name_prefix=thread_name_prefix,
+            max_concurrency=max_concurrency,
+            pending_limit=self._pending_limit,
+            stall_timeout=stall_timeout,
+        )
         self._workers: tuple[Worker[C], ...] = tuple(
-            Worker(
-                index,
-                backend=backend,
-                backend_options=options,
-                context_factory=worker_context,
-                thread_name=f"{thread_name_prefix}-{index}",
-                max_concurrency=max_concurrency,
-                pending_limit=self._pending_limit,
-            )
-            for index in range(max_workers)
+            Worker(index, self._host, settings) for index in range(max_workers)
         )
         self._loads = _Loads(self._workers)
         self._start_workers()
@@ -197,6 +204,11 @@ class PortalPool(Executor, Generic[C]):
     def workers(self) -> tuple[Worker[C], ...]:
         """The workers, in index order."""
         return self._workers
+
+    @property
+    def host(self) -> Host:
+        """Where the workers' loops live: a :class:`ThreadHost` or a :class:`ProcessHost`."""
+        return self._host
 
     @property
     def backend(self) -> str:
@@ -619,13 +631,13 @@ def _join_workers(workers: Iterable[Worker[Any]], interrupted_before: bool = Fal
     Ctrl-C), the first one here is that second one.
     """
     interrupted: BaseException | None = None
-    pending = [worker for worker in workers if worker._thread.ident is not None]
+    pending = [worker for worker in workers if worker._host_loop.started()]
     while pending:
         try:
             # Not Thread.join(timeout): up to Python 3.12, an interrupt landing in it
             # marks the thread stopped while it still runs, and nothing waits for it again.
             wait_in_slices(partial(_thread_ended, pending[0]))
-            pending[0]._thread.join()  # it is past its last step: no real wait
+            pending[0]._host_loop.join()  # it is past its last step: no real wait
         except BaseException as exc:
             if interrupted_before or interrupted is not None:
                 raise
@@ -658,7 +670,7 @@ def _at_interpreter_exit() -> None:
     presses = _ctrl_c_presses()
     try:
         _stop_workers(workers, presses > 0)
-        if presses > 1 and any(worker._thread.is_alive() for worker in workers):
+        if presses > 1 and any(worker._host_loop.is_alive() for worker in workers):
             # Ctrl-C came again while the work was being cancelled: stop waiting.
             _end_process(KeyboardInterrupt(), workers)
         _join_workers(workers, presses > 0)
@@ -695,7 +707,7 @@ def _ctrl_c_presses() -> int:
 
 def _end_process(interrupt: BaseException, workers: Iterable[Worker[Any]]) -> NoReturn:
     """End the process after an interrupt at interpreter exit, as if it were uncaught."""
-    stuck = sum(worker._thread.is_alive() for worker in workers)
+    stuck = sum(worker._host_loop.is_alive() for worker in workers)
     if stuck:
         what = f"stopped waiting for {stuck} worker thread{'s' if stuck > 1 else ''}"
     else:

@@ -49,6 +49,6 @@ class StallWatchdog:
             except queue.Empty:
                 now = time.monotonic()
                 for worker in self._workers:
-                    worker._check_heartbeat(now, self._stall_timeout)
+                    worker._host_loop.check_heartbeat(now, self._stall_timeout)
             else:
                 return

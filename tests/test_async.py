@@ -116,7 +116,7 @@ async def test_async_with_waits_without_blocking_the_loop(backend_kwargs: dict[s
         finished.set()
     assert ticks > before  # the caller's loop ran while the pool shut down
     assert [f.result(timeout=0) for f in futures] == ["ok"] * 4
-    assert not any(w._thread.is_alive() for w in pool.workers)
+    assert not any(w._host_loop.is_alive() for w in pool.workers)
 
 
 async def test_async_with_error_cancels_remaining_work(backend_kwargs: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 from portal_pool import PortalPool
-from portal_pool._worker import Worker
+from portal_pool._thread_host import ThreadLoop
 
 from .helpers import loop_held
 
@@ -28,7 +28,7 @@ class DrainGate:
     """Holds a worker's loop as it is about to take its inbox, until released.
 
     A tracer installed in the worker threads (``threading.settrace``), which stops at the
-    call of ``Worker._drain`` once armed: the loop has been woken for the work, and has
+    call of ``ThreadLoop._drain`` once armed: the loop has been woken for the work, and has
     not taken any of it yet, as when its thread is still waiting for the GIL.
     """
 
@@ -53,7 +53,7 @@ class DrainGate:
         self._released.set()
 
     def _trace(self, frame: FrameType, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code is Worker._drain.__code__ and self._armed.is_set():
+        if event == "call" and frame.f_code is ThreadLoop._drain.__code__ and self._armed.is_set():
             self._armed.clear()
             self.entered.set()
             assert self._released.wait(10), "the test never released the gate"

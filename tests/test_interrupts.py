@@ -140,7 +140,7 @@ def test_ctrl_c_anywhere_in_leaving_async_with_on_trio_still_cancels_and_joins(
         assert isinstance(interrupt, KeyboardInterrupt), where  # re-raised
         for worker in pool.workers:
             assert worker._exited.done(), where  # every worker stopped...
-            assert not worker._thread.is_alive(), where  # ...and was joined
+            assert not worker._host_loop._thread.is_alive(), where  # ...and was joined
             assert _lock_is_free(worker._lock), where
         assert future.done(), where
         if by_exception:

@@ -27,6 +27,9 @@ from .helpers import at_line
 MakePool = Callable[..., PortalPool[Any]]
 TIMEOUT = 10
 
+# The modules whose lines run a call in the loop, on each backend.
+RUNTIME_MODULES = frozenset({"portal_pool._asyncio_runtime", "portal_pool._trio_runtime"})
+
 
 class PauseWhenRunning:
     """A tracer for a worker's loop thread: at the first line the runtime runs after a
@@ -45,7 +48,7 @@ class PauseWhenRunning:
         self.fired = False
 
     def __call__(self, frame: FrameType, event: str, arg: object) -> Any:
-        if self.fired or frame.f_globals.get("__name__") != "portal_pool._runtime":
+        if self.fired or frame.f_globals.get("__name__") not in RUNTIME_MODULES:
             return None
         return self._line
 
@@ -202,8 +205,8 @@ def test_counts_exact_when_the_worker_dies_and_cannot_restart(
         for future in queued:
             assert future.cancel()
         release.set()
-        pool.workers[0]._thread.join(TIMEOUT)
-        assert not pool.workers[0]._thread.is_alive()
+        pool.workers[0]._host_loop._thread.join(TIMEOUT)
+        assert not pool.workers[0]._host_loop.is_alive()
     finally:
         pool.shutdown()
     assert only_once.entries == 2

@@ -218,7 +218,7 @@ def test_an_unstarted_map_iterator_leaves_its_work_to_run(make_pool: MakePool, k
 
 def test_an_unstarted_iterator_does_not_keep_the_pool_alive(backend_kwargs: dict[str, Any]) -> None:
     pool = PortalPool(1, **backend_kwargs)
-    threads = [w._thread for w in pool.workers]
+    threads = [w._host_loop._thread for w in pool.workers]
     pool_ref = weakref.ref(pool)
     results = pool.map(square, range(3))
     del pool

@@ -406,7 +406,7 @@ def noop():
 
 function, text = {
     "main": (Worker._enqueue, "self._inbox.append(future)"),
-    "loop": (Worker._drain, "batch, self._inbox = self._inbox, deque()"),
+    "loop": (Worker._take_inbox, "batch, self._inbox = self._inbox, deque()"),
 }[where]
 lines, start = inspect.getsourcelines(function)
 line = start + next(i for i, source in enumerate(lines) if text in source)
@@ -431,8 +431,8 @@ del pool
 future = worker.submit(noop)  # "main": interrupted here; "loop": its drain is
 sys.settrace(None)
 print(future.result(timeout=5), collected[0] > 0)
-worker._thread.join(5)
-print("stopped", not worker._thread.is_alive())
+worker._host_loop._thread.join(5)
+print("stopped", not worker._host_loop._thread.is_alive())
 try:
     worker.submit(noop)
 except RuntimeError as exc:

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 
 from portal_pool import PortalPool
-from portal_pool._runtime import PARKED_RUNNERS_MAX
+from portal_pool._trio_runtime import PARKED_RUNNERS_MAX
 
 from .conftest import requires_trio
 

@@ -37,7 +37,7 @@ def test_shutdown_wait_waits_for_every_task(make_pool: MakePool) -> None:
     stopper.join(10)
     assert sorted(done) == list(range(6))
     assert all(f.done() and not f.cancelled() for f in futures)
-    assert not any(w._thread.is_alive() for w in pool.workers)
+    assert not any(w._host_loop.is_alive() for w in pool.workers)
 
 
 def test_shutdown_cancel_futures_is_prompt(make_pool: MakePool) -> None:
@@ -109,7 +109,7 @@ def test_with_block_exception_cancels_and_reraises(
         assert started.wait(10)
         raise error
     assert future.cancelled()
-    assert not any(w._thread.is_alive() for w in pool.workers)
+    assert not any(w._host_loop.is_alive() for w in pool.workers)
 
 
 def test_blocking_calls_inside_own_loop_raise(make_pool: MakePool) -> None:
@@ -183,7 +183,7 @@ def test_pool_dropped_without_shutdown_stops_its_workers(backend_kwargs: dict[st
 
     pool = PortalPool(2, **backend_kwargs)
     future = pool.submit(anyio.sleep, 0)
-    threads = [w._thread for w in pool.workers]
+    threads = [w._host_loop._thread for w in pool.workers]
     del pool
     gc.collect()
     for thread in threads:

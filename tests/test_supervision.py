@@ -14,9 +14,9 @@ from typing import Any
 import anyio
 import pytest
 
-import portal_pool._worker
+import portal_pool._thread_host
 from portal_pool import BrokenPortalPool, PortalPool, current_worker
-from portal_pool._worker import RESTART_BURST, RESTART_WINDOW
+from portal_pool._thread_host import RESTART_BURST, RESTART_WINDOW
 
 from .faults import ConnectsOnce, kill_current_loop
 
@@ -103,8 +103,8 @@ def test_a_worker_that_cannot_restart_is_broken_not_spinning(
     pool = PortalPool(1, worker_context=only_once, **backend_kwargs)
     worker = pool.workers[0]
     worker.submit(kill_current_loop)
-    worker._thread.join(10)
-    assert not worker._thread.is_alive()
+    worker._host_loop._thread.join(10)
+    assert not worker._host_loop._thread.is_alive()
     with pytest.raises(BrokenPortalPool):
         worker.submit(anyio.sleep, 0)
     pool.shutdown()
@@ -131,12 +131,12 @@ def ends_at_once_counting(entered: list[int]) -> Callable[[], Any]:
 def test_a_loop_that_fails_at_once_again_and_again_leaves_the_worker_broken(
     backend_kwargs: dict[str, Any], pool_log: RecordEvents, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(portal_pool._worker, "time", SimpleNamespace(monotonic=lambda: 0.0))
+    monkeypatch.setattr(portal_pool._thread_host, "time", SimpleNamespace(monotonic=lambda: 0.0))
     entered: list[int] = []
     pool = PortalPool(1, worker_context=ends_at_once_counting(entered), **backend_kwargs)
     worker = pool.workers[0]
-    worker._thread.join(10)
-    assert not worker._thread.is_alive()  # it gave up instead of spinning
+    worker._host_loop._thread.join(10)
+    assert not worker._host_loop._thread.is_alive()  # it gave up instead of spinning
     with pytest.raises(BrokenPortalPool):
         pool.submit(anyio.sleep, 0)
     pool.shutdown()
@@ -151,7 +151,7 @@ def test_failures_spread_over_time_are_each_restarted(
 ) -> None:
     ticks = itertools.count()
     clock = SimpleNamespace(monotonic=lambda: next(ticks) * RESTART_WINDOW)  # each a window apart
-    monkeypatch.setattr(portal_pool._worker, "time", clock)
+    monkeypatch.setattr(portal_pool._thread_host, "time", clock)
     entered: list[int] = []
     many = RESTART_BURST + 3
     restarted = threading.Semaphore(0)

@@ -93,7 +93,7 @@ def test_context_exit_error_is_logged_and_shutdown_completes(
     pool = PortalPool(2, worker_context=broken_exit, **backend_kwargs)
     assert pool.run(lambda: 5) == 5
     pool.shutdown(wait=True)
-    assert not any(w._thread.is_alive() for w in pool.workers)
+    assert not any(w._host_loop.is_alive() for w in pool.workers)
     errors = [r for r in caplog.records if r.name == "portal_pool" and r.exc_info]
     assert len(errors) == 2
     assert all("close failed" in str(r.exc_info[1]) for r in errors if r.exc_info)
