@@ -2,46 +2,39 @@
 
 from __future__ import annotations
 
-import atexit
 import os
-import signal
 import sys
-import threading
-import time
 import weakref
 from collections.abc import (
-    AsyncIterator,
     Awaitable,
     Callable,
     Hashable,
-    Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
-from concurrent.futures import Executor, Future, wait
-from contextlib import AbstractAsyncContextManager, suppress
+from concurrent.futures import Executor, Future
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from types import TracebackType
-from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import anyio
 
 from ._backends import check_backend
-from ._callables import check_callable
 from ._chunks import run_chunk_asyncio, run_chunk_trio
 from ._exceptions import BrokenPortalPool, safe_repr
 from ._flow import FORK_MESSAGE, SHUTDOWN_MESSAGE, PendingLimit
 from ._host import Host, LoopSettings
 from ._hosts import make_host
-from ._iteration import (
-    Window,
-    batched,
-    ordered_results,
-    ordered_results_async,
-    unordered_results,
-    unordered_results_async,
+from ._lifecycle import (
+    check_not_exiting,
+    close_workers,
+    join_workers,
+    register_workers,
+    resolved_within,
+    stop_workers,
 )
+from ._mapping import MapMethods
 from ._scheduler import RoundRobin, Scheduler, make_scheduler
 from ._signals import wait_in_slices
 from ._statistics import PoolStatistics
@@ -55,22 +48,8 @@ C = TypeVar("C")
 
 _MASK64 = (1 << 64) - 1
 
-# Workers of every pool not yet joined, for the interpreter-exit hook below.
-_live_workers: weakref.WeakSet[Worker[Any]] = weakref.WeakSet()
-# Set by that hook. Held while a pool registers its workers, so a pool starting in
-# another thread is either seen by the hook or refused.
-_exit_lock = threading.Lock()
-_exiting = False
-# Whether trio knows that leaving ``async with`` must not be interrupted mid-step.
-_exit_protected = False
-EXITING_MESSAGE = (
-    "cannot start a PortalPool while the interpreter is exiting (in an atexit handler, "
-    "say): nothing would wait for its work to finish; submit the work before the "
-    "program ends"
-)
 
-
-class PortalPool(Executor, Generic[C]):
+class PortalPool(MapMethods, Executor, Generic[C]):
     """A pool of worker threads, each running one event loop behind an anyio portal.
 
     Coroutine functions are awaited in the worker's loop; sync callables run in the loop
@@ -115,8 +94,7 @@ class PortalPool(Executor, Generic[C]):
         stall_timeout: float | None = None,
         host: str | Host = "thread",
     ) -> None:
-        if _exiting:  # checked again as the workers register, under the lock
-            raise RuntimeError(EXITING_MESSAGE)
+        check_not_exiting()  # checked again as the workers register, under the lock
         if max_workers is None:
             max_workers = _cpu_count()
         elif max_workers <= 0:
@@ -165,20 +143,17 @@ class PortalPool(Executor, Generic[C]):
         # Like ThreadPoolExecutor: a pool dropped without shutdown() still lets its
         # workers finish what they hold and exit. The callback must not hold the pool.
         self._finalizer = weakref.finalize(
-            self, _close, self._workers, self._pending_limit, self._watchdog
+            self, close_workers, self._workers, self._pending_limit, self._watchdog
         )
         self._finalizer.atexit = False
 
     def _start_workers(self) -> None:
-        with _exit_lock:
-            if _exiting:
-                raise RuntimeError(EXITING_MESSAGE)
-            _live_workers.update(self._workers)
+        register_workers(self._workers)
         try:
             for worker in self._workers:
                 worker._start()
             for worker in self._workers:
-                wait_in_slices(partial(_resolved, worker._ready))
+                wait_in_slices(partial(resolved_within, worker._ready))
                 # A worker's failure, whatever its type, is the worker's: a CancelledError
                 # or KeyboardInterrupt from its worker_context must not reach the caller
                 # as if the caller had been cancelled or interrupted.
@@ -189,8 +164,8 @@ class PortalPool(Executor, Generic[C]):
                     ) from failure
         except BaseException as exc:
             # Ctrl-C during startup, or a worker that could not start: leave nothing.
-            _stop_workers(self._workers, True)
-            _join_workers(self._workers, isinstance(exc, KeyboardInterrupt))
+            stop_workers(self._workers, True)
+            join_workers(self._workers, isinstance(exc, KeyboardInterrupt))
             if isinstance(exc, Exception) and not isinstance(exc, BrokenPortalPool):
                 # No thread could be started, say.
                 raise BrokenPortalPool(f"a worker failed to start: {safe_repr(exc)}") from exc
@@ -317,131 +292,6 @@ class PortalPool(Executor, Generic[C]):
         self._check_open()
         return await self._next_worker().run_async(fn, *args, **kwargs)
 
-    @overload
-    def map(
-        self,
-        fn: Callable[..., Awaitable[T]],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        buffersize: int | None = None,
-    ) -> Iterator[T]: ...
-
-    @overload
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        buffersize: int | None = None,
-    ) -> Iterator[T]: ...
-
-    def map(
-        self,
-        fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        buffersize: int | None = None,
-    ) -> Iterator[Any]:
-        """Like :meth:`concurrent.futures.Executor.map` of Python 3.14, on any Python.
-
-        Results come in input order. With ``buffersize``, at most that many units of
-        work (items, or chunks when ``chunksize > 1``) are in flight, and the input is
-        read lazily. With ``chunksize > 1``, each chunk is one task and one future whose
-        items run concurrently in one worker's loop. The first window is submitted by the
-        call itself. Once iterating, leaving the iterator early (dropping it counts), a
-        timeout, or an error from the input cancels the outstanding work. An iterator
-        dropped before its first ``next()`` lets its work run, as ``Executor.map`` does.
-
-        :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
-        :raises ValueError: for ``chunksize < 1``, ``buffersize < 1`` or ``timeout < 0``
-        :raises TimeoutError: from the iterator, when ``timeout`` has passed
-        """
-        check_callable(fn)
-        if not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError("chunksize must be an integer >= 1")
-        _check_buffersize(buffersize)
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be None or >= 0")
-        end_time = None if timeout is None else time.monotonic() + timeout
-        arguments = zip(*iterables)  # noqa: B905 - map stops at the shortest input
-        if chunksize == 1:
-            return ordered_results(
-                Window(arguments, buffersize), self._item_submitter(fn), end_time, False
-            )
-        run_chunk = self._run_chunk
-        pool_ref: weakref.ref[PortalPool[Any]] = weakref.ref(self)
-
-        def submit_chunk(chunk: tuple[tuple[Any, ...], ...]) -> Future[Any]:
-            return _alive(pool_ref).submit(run_chunk, fn, chunk)
-
-        window = Window(batched(arguments, chunksize), buffersize)
-        return ordered_results(window, submit_chunk, end_time, True)
-
-    def map_unordered(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any], buffersize: int | None = None
-    ) -> Iterator[Any]:
-        """Like :meth:`map`, but yield each result as soon as it is ready.
-
-        Dropping the iterator cancels the outstanding work, even before its first ``next()``.
-
-        :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
-        :raises ValueError: for ``buffersize < 1``
-        """
-        return unordered_results(_item_window(fn, iterables, buffersize), self._item_submitter(fn))
-
-    def map_async(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any], buffersize: int | None = None
-    ) -> AsyncIterator[Any]:
-        """:meth:`map` for async callers on asyncio or trio: ``async for`` over results.
-
-        Waiting never blocks the caller's loop. Leaving the loop early (``break``, an
-        exception, cancellation) cancels the outstanding items; wrap the iterator in
-        ``contextlib.aclosing`` so that happens at once rather than at garbage collection.
-
-        :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
-        :raises ValueError: for ``buffersize < 1``
-        """
-        window = _item_window(fn, iterables, buffersize)
-        return ordered_results_async(window, self._item_submitter_async(fn))
-
-    def map_unordered_async(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any], buffersize: int | None = None
-    ) -> AsyncIterator[Any]:
-        """:meth:`map_unordered` for async callers on asyncio or trio; see :meth:`map_async`.
-
-        :raises TypeError: if ``fn`` is not callable or ``buffersize`` is not an int
-        :raises ValueError: for ``buffersize < 1``
-        """
-        window = _item_window(fn, iterables, buffersize)
-        return unordered_results_async(window, self._item_submitter_async(fn))
-
-    def _item_submitter(self, fn: Callable[..., Any]) -> Callable[[Any], Future[Any]]:
-        # A weak reference, as in Executor.map: an abandoned iterator must not keep the
-        # pool alive.
-        pool_ref: weakref.ref[PortalPool[Any]] = weakref.ref(self)
-
-        def submit_item(args: tuple[Any, ...]) -> Future[Any]:
-            return _alive(pool_ref).submit(fn, *args)
-
-        return submit_item
-
-    def _item_submitter_async(
-        self, fn: Callable[..., Any]
-    ) -> Callable[[Any], Awaitable[Future[Any]]]:
-        pool_ref: weakref.ref[PortalPool[Any]] = weakref.ref(self)
-
-        async def submit_item(args: tuple[Any, ...]) -> Future[Any]:
-            pool = _alive(pool_ref)
-            pool._check_open()
-            worker = pool._next_worker()
-            await worker._admit_async()
-            return worker._submit_admitted(fn, args, {})
-
-        return submit_item
-
     # -- shutting down ------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -500,7 +350,7 @@ class PortalPool(Executor, Generic[C]):
                 raise  # the second Ctrl-C, the block having been left by the first
             # Cancelled, or a first Ctrl-C: cancel what is left, wait for its clean-up.
             # On trio a Ctrl-C still gets through the shield: that is the second one.
-            _stop_workers(self._workers, True)
+            stop_workers(self._workers, True)
             with anyio.CancelScope(shield=True):
                 await self._workers_exited()
             raise
@@ -520,10 +370,10 @@ class PortalPool(Executor, Generic[C]):
         # One store, no lock: a lock here would deadlock a signal handler's shutdown
         # landing while this thread held it.
         self._shutdown = True
-        _close(self._workers, self._pending_limit, self._watchdog, cancel=cancel)
+        close_workers(self._workers, self._pending_limit, self._watchdog, cancel=cancel)
 
     def _join(self, interrupted: bool = False) -> None:
-        _join_workers(self._workers, interrupted)
+        join_workers(self._workers, interrupted)
         if self._watchdog is not None:
             self._watchdog.stop(wait=True)
 
@@ -563,47 +413,8 @@ class _Loads(Sequence[int]):
         return self._workers[index]._unfinished
 
 
-def _alive(pool_ref: weakref.ref[PortalPool[Any]]) -> PortalPool[Any]:
-    pool = pool_ref()
-    if pool is None:
-        raise RuntimeError("cannot schedule new futures after the pool was garbage-collected")
-    return pool
-
-
-def _item_window(
-    fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], buffersize: int | None
-) -> Window:
-    """Check a map's arguments; its input as one unit of work per item."""
-    check_callable(fn)
-    _check_buffersize(buffersize)
-    return Window(zip(*iterables), buffersize)  # noqa: B905 - stops at the shortest input
-
-
-def _check_buffersize(buffersize: int | None) -> None:
-    if buffersize is not None:
-        if not isinstance(buffersize, int):
-            raise TypeError("buffersize must be an integer or None")
-        if buffersize < 1:
-            raise ValueError("buffersize must be None or > 0")
-
-
-def _close(
-    workers: Iterable[Worker[Any]],
-    pending_limit: PendingLimit | None,
-    watchdog: StallWatchdog | None,
-    cancel: bool = False,
-) -> None:
-    """Stop accepting work everywhere; wake submitters blocked on a full pool."""
-    if pending_limit is not None:
-        pending_limit.close()
-    if watchdog is not None:
-        watchdog.stop(wait=False)
-    _stop_workers(workers, cancel)
-
-
-def _stop_workers(workers: Iterable[Worker[Any]], cancel: bool) -> None:
-    for worker in workers:
-        worker._request_stop(cancel)
+# Whether trio knows that leaving ``async with`` must not be interrupted mid-step.
+_exit_protected = False
 
 
 def _protect_exit_from_trio_ctrl_c() -> None:
@@ -620,153 +431,3 @@ def _protect_exit_from_trio_ctrl_c() -> None:
         # The function as defined here, even when a subclass overrides the method.
         trio.lowlevel.enable_ki_protection(vars(PortalPool)["__aexit__"])
         _exit_protected = True
-
-
-def _join_workers(workers: Iterable[Worker[Any]], interrupted_before: bool = False) -> None:
-    """Join every worker thread; an interrupt while waiting cancels what is left.
-
-    The first interrupt (Ctrl-C, or an exception from another signal handler) cancels the
-    work, waits for its clean-up, then is raised. The second is raised at once: the user
-    insists. With ``interrupted_before`` (the wait is itself the consequence of a
-    Ctrl-C), the first one here is that second one.
-    """
-    interrupted: BaseException | None = None
-    pending = [worker for worker in workers if worker._host_loop.started()]
-    while pending:
-        try:
-            # Not Thread.join(timeout): up to Python 3.12, an interrupt landing in it
-            # marks the thread stopped while it still runs, and nothing waits for it again.
-            wait_in_slices(partial(_thread_ended, pending[0]))
-            pending[0]._host_loop.join()  # it is past its last step: no real wait
-        except BaseException as exc:
-            if interrupted_before or interrupted is not None:
-                raise
-            interrupted = exc
-            _stop_workers(pending, True)
-            continue
-        _live_workers.discard(pending.pop(0))
-    if interrupted is not None:
-        raise interrupted
-
-
-def _resolved(future: Future[Any], seconds: float) -> bool:
-    return bool(wait((future,), seconds).done)
-
-
-def _thread_ended(worker: Worker[Any], seconds: float) -> bool:
-    return _resolved(worker._exited, seconds)
-
-
-def _at_interpreter_exit() -> None:
-    # Runs before the interpreter joins non-daemon threads. A script that ends normally
-    # lets submitted work finish, as ThreadPoolExecutor does; one that is ending on an
-    # uncaught Ctrl-C cancels it instead of hanging on it.
-    global _exiting
-    with _exit_lock:
-        _exiting = True  # nothing would wait for the work of a pool started after this
-        workers = list(_live_workers)
-    if not workers:
-        return
-    presses = _ctrl_c_presses()
-    try:
-        _stop_workers(workers, presses > 0)
-        if presses > 1 and any(worker._host_loop.is_alive() for worker in workers):
-            # Ctrl-C came again while the work was being cancelled: stop waiting.
-            _end_process(KeyboardInterrupt(), workers)
-        _join_workers(workers, presses > 0)
-    except BaseException as exc:
-        # Returning would report success after a Ctrl-C, and the interpreter would go
-        # on to wait, without bound, for any worker thread still cleaning up.
-        _end_process(exc, workers)
-
-
-def _ctrl_c_presses() -> int:
-    """How many Ctrl-Cs the program is ending on; 0 for a normal end.
-
-    Decided from this exit. ``sys.last_exc`` alone is history: an interactive session
-    (the REPL, ``code.InteractiveInterpreter``) sets it for every exception it showed and
-    went on after. It describes the exit only outside interactive mode, and only if it
-    escaped every frame, as an uncaught exception does: one that Python code caught has a
-    traceback starting in a frame that had a caller. A Ctrl-C pressed while the first one
-    was being handled (in a ``with`` block's exit, say) is chained to it.
-    """
-    if hasattr(sys, "ps1"):  # interactive mode: the session ends on EOF or exit()
-        return 0
-    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    if not isinstance(last, KeyboardInterrupt):
-        return 0
-    if last.__traceback__ is None or last.__traceback__.tb_frame.f_back is not None:
-        return 0
-    presses = 0
-    chained: BaseException | None = last
-    while chained is not None and presses < 2:
-        presses += isinstance(chained, KeyboardInterrupt)
-        chained = chained.__context__
-    return presses
-
-
-def _end_process(interrupt: BaseException, workers: Iterable[Worker[Any]]) -> NoReturn:
-    """End the process after an interrupt at interpreter exit, as if it were uncaught."""
-    stuck = sum(worker._host_loop.is_alive() for worker in workers)
-    if stuck:
-        what = f"stopped waiting for {stuck} worker thread{'s' if stuck > 1 else ''}"
-    else:
-        what = "cancelled the work still running"
-    with suppress(Exception):  # stderr may be closed
-        print(
-            f"{type(interrupt).__name__}: portal_pool {what} at interpreter exit", file=sys.stderr
-        )
-    if not stuck:
-        # Nothing of the pool's can hold them up any more: the atexit handlers run, as
-        # they would after an uncaught exception.
-        atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with suppress(Exception):
-            stream.flush()
-    if isinstance(interrupt, KeyboardInterrupt):
-        if os.name == "posix":
-            # As CPython ends after an uncaught KeyboardInterrupt: killed by SIGINT, so
-            # a shell sees status 130 and a calling script stops too.
-            with suppress(OSError, ValueError):
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                signal.raise_signal(signal.SIGINT)
-            os._exit(130)  # this thread blocks SIGINT
-        os._exit(0xC000013A)  # Windows: STATUS_CONTROL_C_EXIT, CPython's status there
-    os._exit(_exit_status(interrupt))
-
-
-def _exit_status(exc: BaseException) -> int:
-    """The status Python exits with when ``exc`` is uncaught."""
-    if not isinstance(exc, SystemExit):
-        return 1
-    if exc.code is None:
-        return 0
-    if isinstance(exc.code, int):
-        return exc.code
-    with suppress(Exception):
-        print(exc.code, file=sys.stderr, flush=True)
-    return 1
-
-
-def _after_fork_in_child() -> None:
-    # A forked child has copies of the pools but none of their threads: every copy
-    # refuses work and fails what was in flight, instead of accepting work that never
-    # runs. The exit hook then has nothing to wait for, and its lock is new: a thread
-    # that held the old one at the fork does not exist here.
-    global _exit_lock
-    _exit_lock = threading.Lock()
-    workers = list(_live_workers)
-    _live_workers.clear()
-    limits = {id(w._pending_limit): w._pending_limit for w in workers if w._pending_limit}
-    for limit in limits.values():
-        limit._after_fork_in_child()
-    for worker in workers:
-        worker._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-# The same hook ThreadPoolExecutor uses: atexit.register would run only after the
-# interpreter has waited for our (non-daemon) threads, that is, never.
-threading._register_atexit(_at_interpreter_exit)  # type: ignore[attr-defined]

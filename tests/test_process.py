@@ -46,7 +46,7 @@ async def stubborn(*_):
 def announce_joins():
     # Print "joining" once portal_pool waits for a worker thread, so a signal sent
     # after that line lands in the wait, not before it.
-    import portal_pool._pool as pool_module
+    import portal_pool._lifecycle as pool_module
     ended = pool_module._thread_ended
     said = []
     def announcing(worker, seconds):
