@@ -155,7 +155,7 @@ def _waiting_for_workers(thread: threading.Thread) -> bool:
     while frame is not None:
         names.add(frame.f_code.co_name)
         frame = frame.f_back
-    return {"_join_workers", "wait_in_slices"} <= names
+    return {"join_workers", "wait_in_slices"} <= names
 
 
 @pytest.mark.timeout(30)
