@@ -51,6 +51,11 @@ class Counts:
     rss_items: int = 1_000_000
     rss_buffersize: int = 1_024
     skew_tasks: int = 500
+    #: the processes case: pure-Python CPU tasks, each this long on one core
+    cpu_tasks: int = 8
+    cpu_task_ms: int = 125
+    #: aiomultiprocess polls, so its round trips take milliseconds: fewer of them
+    amp_latency_calls: int = 100
 
     def scaled(self, divisor: int) -> Counts:
         """Every count divided by ``divisor`` (chunk and buffer sizes stay)."""
@@ -64,6 +69,8 @@ class Counts:
             hashes=self.hashes // divisor,
             rss_items=self.rss_items // divisor,
             skew_tasks=self.skew_tasks // divisor,
+            cpu_task_ms=self.cpu_task_ms // divisor,
+            amp_latency_calls=self.amp_latency_calls // divisor,
         )
 
 
