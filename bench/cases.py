@@ -424,12 +424,22 @@ def bench_limits(contender: Contender, counts: Counts) -> Figures | None:
     }
 
 
+def bench_processes(counts: Counts) -> dict[str, Figures]:
+    """Workers in child processes: PortalPool's process host, ``ProcessPoolExecutor``,
+    aiomultiprocess and PortalPool on threads (``bench/processes.py``)."""
+    from .processes import measure  # it imports this module: loaded on first use
+
+    return measure(counts)
+
+
 Case = Callable[[Contender, Counts], Figures | None]
 #: A case that measures every contender together and returns figures by contender key.
 GroupCase = Callable[[list[Contender], Counts], dict[str, Figures]]
+#: A case with contenders of its own, not the ones in contenders.py; figures by their key.
+OwnCase = Callable[[Counts], dict[str, Figures]]
 
 #: name -> (what it measures, function), in the order they run
-CASES: dict[str, tuple[str, Case | GroupCase]] = {
+CASES: dict[str, tuple[str, Case | GroupCase | OwnCase]] = {
     "submit": ("submit throughput", bench_submit),
     "map": ("map throughput", bench_map),
     "latency": ("round-trip latency", bench_latency),
@@ -438,6 +448,9 @@ CASES: dict[str, tuple[str, Case | GroupCase]] = {
     "rss": ("bounded map peak RSS", bench_rss),
     "skew": ("least_loaded vs round_robin on a skewed load", bench_skew),
     "limits": ("cost of max_concurrency and max_pending", bench_limits),
+    "processes": ("workers in child processes", bench_processes),
 }
 #: the cases that are GroupCases
 GROUP_CASES = frozenset({"latency"})
+#: the cases that are OwnCases
+OWN_CASES = frozenset({"processes"})
