@@ -432,6 +432,14 @@ def bench_processes(counts: Counts) -> dict[str, Figures]:
     return measure(counts)
 
 
+def bench_failures(counts: Counts) -> dict[str, Figures]:
+    """What a child's death, Ctrl-C, an unpicklable argument and ``cancel()`` do to each
+    process pool (``bench/failures.py``). Nothing in it scales with ``counts``."""
+    from .failures import measure
+
+    return measure()
+
+
 Case = Callable[[Contender, Counts], Figures | None]
 #: A case that measures every contender together and returns figures by contender key.
 GroupCase = Callable[[list[Contender], Counts], dict[str, Figures]]
@@ -449,8 +457,9 @@ CASES: dict[str, tuple[str, Case | GroupCase | OwnCase]] = {
     "skew": ("least_loaded vs round_robin on a skewed load", bench_skew),
     "limits": ("cost of max_concurrency and max_pending", bench_limits),
     "processes": ("workers in child processes", bench_processes),
+    "failures": ("what happens when a child dies, Ctrl-C, ...", bench_failures),
 }
 #: the cases that are GroupCases
 GROUP_CASES = frozenset({"latency"})
 #: the cases that are OwnCases
-OWN_CASES = frozenset({"processes"})
+OWN_CASES = frozenset({"processes", "failures"})

@@ -7,7 +7,9 @@ function (``ProcessPoolExecutor``, which cannot run coroutines).
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 
 def _spin(iterations: int) -> int:
@@ -45,3 +47,45 @@ def iterations_per_second() -> float:
         _spin(sample)
         best = min(best, time.perf_counter() - start)
     return sample / best
+
+
+# -- marked tasks, for bench.failures ----------------------------------------------------
+#
+# ``start-<tag>-<pid>`` is created when the task starts; ``end-<tag>-<how>`` in its
+# ``finally``, where ``how`` is ``finished`` if the sleep ran to its end and ``interrupted``
+# otherwise (cancelled, KeyboardInterrupt, ...). A task killed outright leaves no end file.
+
+
+def _started(directory: str, tag: str) -> None:
+    (Path(directory) / f"start-{tag}-{os.getpid()}").touch()
+
+
+def _ended(directory: str, tag: str, finished: bool) -> None:
+    how = "finished" if finished else "interrupted"
+    (Path(directory) / f"end-{tag}-{how}").touch()
+
+
+async def marked_sleep(directory: str, tag: str, seconds: float) -> str:
+    """Sleep through anyio (asyncio or trio), leaving start and end marker files."""
+    import anyio
+
+    _started(directory, tag)
+    finished = False
+    try:
+        await anyio.sleep(seconds)
+        finished = True
+        return tag
+    finally:
+        _ended(directory, tag, finished)
+
+
+def marked_sleep_sync(directory: str, tag: str, seconds: float) -> str:
+    """The same with ``time.sleep``, for ``ProcessPoolExecutor``."""
+    _started(directory, tag)
+    finished = False
+    try:
+        time.sleep(seconds)
+        finished = True
+        return tag
+    finally:
+        _ended(directory, tag, finished)

@@ -229,6 +229,10 @@ class ProcessContender:
     def spin(self) -> Callable[..., Any]:
         return work.spin if self.runs_coroutines else work.spin_sync
 
+    @property
+    def marked_sleep(self) -> Callable[..., Any]:
+        return work.marked_sleep if self.runs_coroutines else work.marked_sleep_sync
+
     def open(self, workers: int) -> ProcessBenchPool:
         """Start the contender with ``workers`` workers."""
         if self.kind == "executor":

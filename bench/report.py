@@ -477,7 +477,7 @@ def render_sections(
     quick: bool,
 ) -> list[str]:
     """The markdown block in sections: the machine line with the main table, its targets
-    and notes; the Processes table; the problems."""
+    and notes; the Processes table; the What-happens-when table; the problems."""
     no_map = {"seed": "¹", "portal": "¹"}
     n = f"{counts.noops:,}"
     rows = [
@@ -617,7 +617,7 @@ def render_sections(
         ),
     ]
     packages = machine["packages"]
-    own = {"processes"}
+    own = {"processes", "failures"}
     header = (
         f"Measured {machine['date']} on {machine['cpu_model']}, nproc {machine['nproc']}, "
         f"{machine['platform']}, {machine['python']} "
@@ -649,6 +649,11 @@ def render_sections(
     if results.get("processes"):
         process_checks = [check for check in checks if check.get("case") == "processes"]
         sections.append(render_processes(results["processes"], counts, process_checks))
+    if results.get("failures"):
+        from .failures import HARD_TIMEOUT
+
+        labels = {entrant.key: entrant.label for entrant in PROCESS_CONTENDERS}
+        sections.append(render_failures(results["failures"], labels, HARD_TIMEOUT))
     if problems:
         sections.append(
             "**Problems in this run:**\n\n"
@@ -818,6 +823,55 @@ def render_processes(
         "sample, timed from the constructor to the results of one no-op per worker, so a "
         "forkserver or manager started on first use is inside it; best of "
         f"{counts.repeats}. Throughput: best of {counts.repeats} on one warmed-up pool.",
+        *_skipped_note(figures, labels),
+    ]
+    return "\n".join(lines)
+
+
+def render_failures(
+    figures: dict[str, dict[str, Any]], labels: dict[str, str], timeout: float
+) -> str:
+    """The What-happens-when table: one row per situation, one column per contender."""
+    from .failures import (
+        INTERRUPT_EXIT,
+        INTERRUPT_GRACE,
+        KILL_SETTLE,
+        NEW_WORK_TIMEOUT,
+        SITUATIONS,
+        UNPICKLABLE_WAIT,
+    )
+
+    keys = [key for key, values in figures.items() if "skipped" not in values]
+    lines = ["### What happens when", ""]
+    if not keys:
+        return "\n".join([*lines, "Nothing measured.", *_skipped_note(figures, labels)])
+    lines += [
+        "| situation | " + " | ".join(labels.get(key, key) for key in keys) + " |",
+        "| --- |" + " --- |" * len(keys),
+    ]
+    for situation, described in SITUATIONS.items():
+        cells = [
+            str(figures[key].get(situation, {}).get("text", "—")).replace("|", "\\|")
+            for key in keys
+        ]
+        lines.append(f"| {described} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "2 workers each; `python -m bench.failures` runs this table alone. Every cell is one "
+        "run of a fresh subprocess in a session of its own, killed with its whole process "
+        f"group when it is done or after {timeout:g} s (**hung**). The tasks sleep "
+        "(`time.sleep` on `ProcessPoolExecutor`, `anyio.sleep` elsewhere) and leave a "
+        "marker file when they start and another in their `finally`. SIGKILL: once the tasks "
+        "run (`ProcessPoolExecutor` runs one per worker, the rest wait), the child running "
+        f"the most of them is killed; the futures get {KILL_SETTLE:g} s to settle, then a "
+        f"new no-op gets {NEW_WORK_TIMEOUT:g} s. Ctrl-C: SIGINT to the process group, as a "
+        "terminal sends it, with the pool in a `with` block (aiomultiprocess: `async with` "
+        f"under `asyncio.run`); the parent gets {INTERRUPT_EXIT:g} s to exit, the children "
+        f"{INTERRUPT_GRACE:g} s more; a `finally` is *interrupted* if it ran before the "
+        f"sleep's end. Unpicklable: `submit(noop, threading.Lock())`, {UNPICKLABLE_WAIT:g} s "
+        "for an outcome. aiomultiprocess is driven from a thread that runs its loop: "
+        "`submit` is `run_coroutine_threadsafe(pool.apply(...))`, and `cancel()` cancels "
+        "that future.",
         *_skipped_note(figures, labels),
     ]
     return "\n".join(lines)

@@ -58,15 +58,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"run only these cases (repeat or comma-separate): {', '.join(CASES)}",
     )
     parser.add_argument(
+        "--skip",
+        action="append",
+        metavar="NAME",
+        help="leave these cases out (repeat or comma-separate), e.g. --skip failures",
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="do not touch README.md or the PNG chart"
     )
     args = parser.parse_args(argv)
-    if args.only:
-        names = [name.strip() for value in args.only for name in value.split(",") if name.strip()]
-        unknown = [name for name in names if name not in CASES]
-        if unknown:
-            parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
-        args.only = names
+    for option in ("only", "skip"):
+        values = getattr(args, option)
+        if values:
+            names = [name.strip() for value in values for name in value.split(",")]
+            names = [name for name in names if name]
+            unknown = [name for name in names if name not in CASES]
+            if unknown:
+                parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+            setattr(args, option, names)
     return args
 
 
@@ -177,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the markdown table; 1 if a case failed or leaked threads."""
     args = _parse(argv)
     counts = Counts().scaled(QUICK_DIVISOR) if args.quick else Counts()
-    names = args.only or list(CASES)
+    names = [name for name in args.only or list(CASES) if name not in (args.skip or [])]
     contenders = [contender for contender in CONTENDERS if contender.available]
     skipped = [contender.label for contender in CONTENDERS if not contender.available]
     if skipped:
