@@ -45,7 +45,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmark; it rewrites the README's Performance table and the chart."""
-    session.install(".[trio,uvloop]", "matplotlib")
+    session.install(".[trio,uvloop]", "matplotlib", "aiomultiprocess")
     session.run("python", "-m", "bench", *session.posargs)
 
 

@@ -51,6 +51,11 @@ class Counts:
     rss_items: int = 1_000_000
     rss_buffersize: int = 1_024
     skew_tasks: int = 500
+    #: the processes case: pure-Python CPU tasks, each this long on one core
+    cpu_tasks: int = 8
+    cpu_task_ms: int = 125
+    #: aiomultiprocess polls, so its round trips take milliseconds: fewer of them
+    amp_latency_calls: int = 100
 
     def scaled(self, divisor: int) -> Counts:
         """Every count divided by ``divisor`` (chunk and buffer sizes stay)."""
@@ -64,6 +69,8 @@ class Counts:
             hashes=self.hashes // divisor,
             rss_items=self.rss_items // divisor,
             skew_tasks=self.skew_tasks // divisor,
+            cpu_task_ms=self.cpu_task_ms // divisor,
+            amp_latency_calls=self.amp_latency_calls // divisor,
         )
 
 
@@ -152,39 +159,49 @@ def bench_latency(contenders: list[Contender], counts: Counts) -> dict[str, Figu
 
 
 def _latency_pass(contenders: list[Contender], counts: Counts) -> dict[str, Figures]:
-    """Every contender open at once, taking turns of a slice of calls each in a rotating
-    order: a change in the machine's load during the pass falls on all of them alike.
-    Idle contenders wait in epoll and take no CPU from the one being measured."""
-    per_turn = max(1, counts.latency_calls // LATENCY_TURNS)
-    samples: dict[str, list[int]] = {contender.key: [] for contender in contenders}
+    """Every contender open at once, taking turns (see :func:`rotating_round_trips`)."""
     with ExitStack() as stack:
         calls = {
-            contender.key: round_trip(stack.enter_context(contender.opened(WORKERS)))
+            contender.key: partial(round_trip(stack.enter_context(contender.opened(WORKERS))), noop)
             for contender in contenders
         }
-        for call in calls.values():
-            for _ in range(counts.latency_warmup):
-                call(noop)
-        _settled()
-        keys = list(calls)
-        for turn in range(LATENCY_TURNS):
-            shift = turn % len(keys)
-            for key in keys[shift:] + keys[:shift]:
-                call, bucket = calls[key], samples[key]
-                for _ in range(per_turn):
-                    start = perf_counter_ns()
-                    call(noop)
-                    bucket.append(perf_counter_ns() - start)
-    figures: dict[str, Figures] = {}
-    for key, taken in samples.items():
-        taken.sort()
-        figures[key] = {
-            "p50_us": _percentile(taken, 0.50) / 1000,
-            "p99_us": _percentile(taken, 0.99) / 1000,
-            "mean_us": sum(taken) / len(taken) / 1000,
-            "calls": len(taken),
-        }
-    return figures
+        return rotating_round_trips(calls, counts)
+
+
+def rotating_round_trips(
+    calls: dict[str, Callable[[], object]], counts: Counts
+) -> dict[str, Figures]:
+    """Time one blocking round trip of each open contender, taking turns of a slice of
+    calls each in a rotating order: a change in the machine's load during the pass falls
+    on all of them alike. Idle contenders wait in epoll and take no CPU from the one being
+    measured. p50, p99 and mean in µs, by key."""
+    per_turn = max(1, counts.latency_calls // LATENCY_TURNS)
+    samples: dict[str, list[int]] = {key: [] for key in calls}
+    for call in calls.values():
+        for _ in range(counts.latency_warmup):
+            call()
+    _settled()
+    keys = list(calls)
+    for turn in range(LATENCY_TURNS):
+        shift = turn % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            call, bucket = calls[key], samples[key]
+            for _ in range(per_turn):
+                start = perf_counter_ns()
+                call()
+                bucket.append(perf_counter_ns() - start)
+    return {key: latency_figures(taken) for key, taken in samples.items()}
+
+
+def latency_figures(taken: list[int]) -> Figures:
+    """p50, p99 and mean, in µs, of round trips timed in ns."""
+    taken = sorted(taken)
+    return {
+        "p50_us": _percentile(taken, 0.50) / 1000,
+        "p99_us": _percentile(taken, 0.99) / 1000,
+        "mean_us": sum(taken) / len(taken) / 1000,
+        "calls": len(taken),
+    }
 
 
 def bench_sleepers(contender: Contender, counts: Counts) -> Figures:
@@ -290,19 +307,30 @@ def bench_rss(contender: Contender, counts: Counts) -> Figures | None:
         str(counts.rss_items),
         str(counts.rss_buffersize),
     ]
-    # The probe must import the same portal_pool as this process, and this bench package.
-    library = str(Path(portal_pool.__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        dict.fromkeys(filter(None, [library, str(REPO_ROOT), env.get("PYTHONPATH")]))
-    )
     done = subprocess.run(
-        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
+        command,
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"rss probe failed ({done.returncode}): {done.stderr.strip()}")
     figures: Figures = json.loads(done.stdout)
     return figures
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a probe subprocess: it must import the same portal_pool as this
+    process, and this bench package."""
+    library = str(Path(portal_pool.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        dict.fromkeys(filter(None, [library, str(REPO_ROOT), env.get("PYTHONPATH")]))
+    )
+    return env
 
 
 def _blocking_call(seconds: float) -> None:
@@ -396,12 +424,30 @@ def bench_limits(contender: Contender, counts: Counts) -> Figures | None:
     }
 
 
+def bench_processes(counts: Counts) -> dict[str, Figures]:
+    """Workers in child processes: PortalPool's process host, ``ProcessPoolExecutor``,
+    aiomultiprocess and PortalPool on threads (``bench/processes.py``)."""
+    from .processes import measure  # it imports this module: loaded on first use
+
+    return measure(counts)
+
+
+def bench_failures(counts: Counts) -> dict[str, Figures]:
+    """What a child's death, Ctrl-C, an unpicklable argument and ``cancel()`` do to each
+    process pool (``bench/failures.py``). Nothing in it scales with ``counts``."""
+    from .failures import measure
+
+    return measure()
+
+
 Case = Callable[[Contender, Counts], Figures | None]
 #: A case that measures every contender together and returns figures by contender key.
 GroupCase = Callable[[list[Contender], Counts], dict[str, Figures]]
+#: A case with contenders of its own, not the ones in contenders.py; figures by their key.
+OwnCase = Callable[[Counts], dict[str, Figures]]
 
 #: name -> (what it measures, function), in the order they run
-CASES: dict[str, tuple[str, Case | GroupCase]] = {
+CASES: dict[str, tuple[str, Case | GroupCase | OwnCase]] = {
     "submit": ("submit throughput", bench_submit),
     "map": ("map throughput", bench_map),
     "latency": ("round-trip latency", bench_latency),
@@ -410,6 +456,10 @@ CASES: dict[str, tuple[str, Case | GroupCase]] = {
     "rss": ("bounded map peak RSS", bench_rss),
     "skew": ("least_loaded vs round_robin on a skewed load", bench_skew),
     "limits": ("cost of max_concurrency and max_pending", bench_limits),
+    "processes": ("workers in child processes", bench_processes),
+    "failures": ("what happens when a child dies, Ctrl-C, ...", bench_failures),
 }
 #: the cases that are GroupCases
 GROUP_CASES = frozenset({"latency"})
+#: the cases that are OwnCases
+OWN_CASES = frozenset({"processes", "failures"})

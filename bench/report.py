@@ -16,6 +16,7 @@ from typing import Any
 
 from .cases import LATENCY_TURNS, Counts
 from .contenders import Contender
+from .processes import PROCESS_CONTENDERS
 
 #: results[case][contender key] -> that case's figures for that contender
 Results = dict[str, dict[str, dict[str, Any]]]
@@ -87,6 +88,7 @@ def machine_info() -> dict[str, Any]:
             "anyio": _version("anyio"),
             "trio": _version("trio"),
             "uvloop": _version("uvloop"),
+            "aiomultiprocess": _version("aiomultiprocess"),
         },
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -119,18 +121,27 @@ class Target:
     at_least: bool
     bound: float
     unit: str
+    #: a figure that, when present in the contender's figures, means this one failed
+    error_field: str | None = None
 
     def check(self, results: Results) -> dict[str, Any] | None:
-        """The row, ``None`` if the case did not run; ``FAILED`` if it raised."""
+        """The row, ``None`` if the case did not run; ``FAILED`` if it raised; ``SKIPPED``
+        if the contender could not run here."""
         row: dict[str, Any] = {
             "what": self.what,
+            "case": self.case,
             "contender": self.contender,
             "measured": None,
             "required": f"{'≥' if self.at_least else '≤'} {self.bound:g}{self.unit}",
             "unit": self.unit,
         }
-        if "error" in results.get(self.case, {}).get(self.contender, {}):
+        if self.case not in results:
+            return None
+        figures = results[self.case].get(self.contender, {})
+        if "error" in figures or (self.error_field and self.error_field in figures):
             return row | {"result": "FAILED"}
+        if "skipped" in figures:
+            return row | {"result": "SKIPPED", "reason": figures["skipped"]}
         value = self.measure(results)
         if value is None:
             return None
@@ -262,9 +273,106 @@ def targets(counts: Counts) -> list[Target]:
     return rows
 
 
+def _vs(case: str, key: str, field: str, other: str) -> Measure:
+    """This contender's ``field`` ÷ another contender's, both from ``case``."""
+    return lambda results: _ratio(
+        _get(results, case, key, field), _get(results, case, other, field)
+    )
+
+
+def process_targets() -> list[Target]:
+    """The process host's targets, for each of its backends, from the processes case."""
+    rows: list[Target] = []
+    case = "processes"
+    for key in ("process_asyncio", "process_trio"):
+        rows += [
+            Target(
+                "submit throughput ÷ ProcessPoolExecutor (sync no-ops)",
+                case,
+                key,
+                _vs(case, key, "submit_items_per_s", "executor"),
+                True,
+                4.0,
+                TIMES,
+                "submit_error",
+            ),
+            Target(
+                "submit throughput ÷ PortalPool threads",
+                case,
+                key,
+                _vs(case, key, "submit_items_per_s", "threads"),
+                True,
+                0.7,
+                TIMES,
+                "submit_error",
+            ),
+            Target(
+                "map throughput ÷ PortalPool threads",
+                case,
+                key,
+                _vs(case, key, "map_items_per_s", "threads"),
+                True,
+                1.5,
+                TIMES,
+                "map_error",
+            ),
+            Target(
+                "map throughput ÷ aiomultiprocess",
+                case,
+                key,
+                _vs(case, key, "map_items_per_s", "amp"),
+                True,
+                5.0,
+                TIMES,
+                "map_error",
+            ),
+            Target(
+                "round trip p50 ÷ ProcessPoolExecutor",
+                case,
+                key,
+                _vs(case, key, "p50_us", "executor"),
+                False,
+                1.1,
+                TIMES,
+                "latency_error",
+            ),
+            Target(
+                "pure-Python CPU tasks, 2 ÷ 1 workers",
+                case,
+                key,
+                _figure(case, key, "cpu_speedup"),
+                True,
+                1.8,
+                TIMES,
+                "cpu_error",
+            ),
+            Target(
+                "pure-Python CPU speedup ÷ ProcessPoolExecutor's",
+                case,
+                key,
+                _vs(case, key, "cpu_speedup", "executor"),
+                True,
+                0.9,
+                TIMES,
+                "cpu_error",
+            ),
+            Target(
+                "start to first results ÷ ProcessPoolExecutor",
+                case,
+                key,
+                _vs(case, key, "start_s", "executor"),
+                False,
+                1.0,
+                TIMES,
+                "start_error",
+            ),
+        ]
+    return rows
+
+
 def check_targets(results: Results, counts: Counts) -> list[dict[str, Any]]:
     """Every target whose case ran in this run."""
-    checked = (target.check(results) for target in targets(counts))
+    checked = (target.check(results) for target in [*targets(counts), *process_targets()])
     return [row for row in checked if row is not None]
 
 
@@ -326,7 +434,40 @@ def _load_note(machine: dict[str, Any]) -> str:
     )
 
 
-def render(
+def _main_notes(counts: Counts) -> list[str]:
+    """The main table's footnote, after a blank line."""
+    return [
+        "",
+        f"Throughput and wall times are the best of {counts.repeats} runs on one warmed-up "
+        "pool (all runs are in `bench/results/latest.json`). "
+        "Ratios in parentheses are contender ÷ seed pattern, from the same run: higher is "
+        "better for items/s, lower is better for µs and wall seconds (the map-sleepers row is "
+        "divided by the seed's submit time). ¹ The seed pattern and raw anyio portals have no "
+        "`map`; their map row is per-item submit again (`run_coroutine_threadsafe` / "
+        "`start_task_soon`), measured separately. Round trips: seed "
+        "`run_coroutine_threadsafe(...).result()`, anyio `portal.call`, PortalPool "
+        "`pool.run`, "
+        f"{counts.latency_calls:,} calls after {counts.latency_warmup} warm-up, every "
+        f"contender open at once and taking turns of {counts.latency_calls // LATENCY_TURNS} "
+        "calls in a rotating order. Sleepers: each "
+        "contender awaits its backend's own sleep (`asyncio.sleep(0.1)`, or `trio.sleep(0.1)` "
+        "on trio; the raw portals `anyio.sleep(0.1)`); the floor row runs the same sleepers "
+        "on 2 threads that each run a bare loop of that kind, with no pool; wall time from the "
+        "first submit to the last result. Scaling: time(1 worker) ÷ time(2 workers), best of "
+        f"{counts.repeats} alternating rounds; in brackets, the same hashing on 2 vs 1 plain "
+        "threads in the same rounds, i.e. what the machine allowed at that moment. RSS: a fresh "
+        "subprocess per backend, VmHWM after minus before iterating the map without keeping "
+        f"results. ² {counts.skew_tasks:,} sync tasks arriving one per 2 ms, each "
+        "blocking its loop for 0.2 ms or (a seeded random 10%) 20 ms. Limits: set high "
+        "enough never to bind, so the row is their bookkeeping cost alone. ³ The same round "
+        "trips again with the caller and every contender's threads pinned to one CPU. With "
+        "threads free to move, most of a round trip on an idle machine is spent between cores, "
+        "and how much changes with the order the threads were started; pinned, the figure is "
+        "the cost of the round trip's own code.",
+    ]
+
+
+def render_sections(
     results: Results,
     contenders: list[Contender],
     counts: Counts,
@@ -334,8 +475,9 @@ def render(
     checks: list[dict[str, Any]],
     problems: dict[str, str],
     quick: bool,
-) -> str:
-    """The markdown block: machine line, side-by-side table, targets, footnotes."""
+) -> list[str]:
+    """The markdown block in sections: the machine line with the main table, its targets
+    and notes; the Processes table; the What-happens-when table; the problems."""
     no_map = {"seed": "¹", "portal": "¹"}
     n = f"{counts.noops:,}"
     rows = [
@@ -475,72 +617,263 @@ def render(
         ),
     ]
     packages = machine["packages"]
-    lines = [
+    own = {"processes", "failures"}
+    header = (
         f"Measured {machine['date']} on {machine['cpu_model']}, nproc {machine['nproc']}, "
         f"{machine['platform']}, {machine['python']} "
         f"({machine['gil']}), anyio {packages['anyio']}, trio {packages['trio']}, "
-        f"uvloop {packages['uvloop']}, portal_pool {packages['portal_pool']}"
-        f" {packages['portal_pool_source']}"
+        f"uvloop {packages['uvloop']}"
+        + (
+            f", aiomultiprocess {packages.get('aiomultiprocess', 'not installed')}"
+            if own & set(results)
+            else ""
+        )
+        + f", portal_pool {packages['portal_pool']} {packages['portal_pool_source']}"
         ". One process, one run of `python -m bench"
         f"{' --quick' if quick else ''}`; every contender has 2 workers"
         f"{' (QUICK RUN: counts ÷ 10, not comparable to a full run)' if quick else ''}."
-        f"{_load_note(machine)}",
-        "",
-        "| figure | " + " | ".join(c.label for c in contenders) + " |",
-        "| --- |" + " ---: |" * len(contenders),
-        *(row for row in rows if row is not None),
-    ]
-    if checks:
+        f"{_load_note(machine)}"
+    )
+    lines = [header]
+    main_rows = [row for row in rows if row is not None]
+    if main_rows:
         lines += [
             "",
-            "| target | PortalPool | measured | required | result |",
-            "| --- | --- | ---: | ---: | :---: |",
+            "| figure | " + " | ".join(c.label for c in contenders) + " |",
+            "| --- |" + " ---: |" * len(contenders),
+            *main_rows,
         ]
-        for check in checks:
-            measured, unit = check["measured"], check["unit"]
-            if measured is None:
-                shown = "—"
-            elif unit == " MiB":
-                shown = f"{measured:.1f} MiB"
-            else:
-                shown = f"{measured:.2f}{unit}"
-            result = "PASS" if check["result"] == "PASS" else f"**{check['result']}**"
-            lines.append(
-                f"| {check['what']} | {check['contender']} | {shown} | {check['required']} | "
-                f"{result} |"
-            )
+        lines += _targets_table([check for check in checks if check.get("case") not in own])
+        lines += _main_notes(counts)
+    sections = ["\n".join(lines)]
+    if results.get("processes"):
+        process_checks = [check for check in checks if check.get("case") == "processes"]
+        sections.append(render_processes(results["processes"], counts, process_checks))
+    if results.get("failures"):
+        from .failures import HARD_TIMEOUT
+
+        labels = {entrant.key: entrant.label for entrant in PROCESS_CONTENDERS}
+        sections.append(render_failures(results["failures"], labels, HARD_TIMEOUT))
+    if problems:
+        sections.append(
+            "**Problems in this run:**\n\n"
+            + "\n".join(f"- `{where}` {what}" for where, what in problems.items())
+        )
+    return sections
+
+
+def render(
+    results: Results,
+    contenders: list[Contender],
+    counts: Counts,
+    machine: dict[str, Any],
+    checks: list[dict[str, Any]],
+    problems: dict[str, str],
+    quick: bool,
+) -> str:
+    """The whole markdown block, as printed."""
+    return "\n\n".join(
+        render_sections(results, contenders, counts, machine, checks, problems, quick)
+    )
+
+
+def _targets_table(checks: list[dict[str, Any]]) -> list[str]:
+    """The PASS/MISS table of these checks (nothing if there are none), after a blank line."""
+    if not checks:
+        return []
+    # A target skipped for several contenders is one row naming them all.
+    merged: list[dict[str, Any]] = []
+    skipped: dict[tuple[str, str], dict[str, Any]] = {}
+    for check in checks:
+        if check["result"] != "SKIPPED":
+            merged.append(check)
+            continue
+        same = skipped.get((check["what"], check["required"]))
+        if same is None:
+            skipped[check["what"], check["required"]] = check = dict(check)
+            merged.append(check)
+        else:
+            same["contender"] += f", {check['contender']}"
+    lines = [
+        "",
+        "| target | PortalPool | measured | required | result |",
+        "| --- | --- | ---: | ---: | :---: |",
+    ]
+    for check in merged:
+        measured, unit = check["measured"], check["unit"]
+        if measured is None:
+            shown = "—"
+        elif unit == " MiB":
+            shown = f"{measured:.1f} MiB"
+        else:
+            shown = f"{measured:.2f}{unit}"
+        if check["result"] == "PASS":
+            result = "PASS"
+        elif check["result"] == "SKIPPED":
+            result = "skipped"
+        else:
+            result = f"**{check['result']}**"
+        lines.append(
+            f"| {check['what']} | {check['contender']} | {shown} | {check['required']} | {result} |"
+        )
+    return lines
+
+
+def _skipped_note(figures: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    skipped = [
+        f"{labels.get(key, key)} ({values['skipped']})"
+        for key, values in figures.items()
+        if "skipped" in values
+    ]
+    return ["", "Not measured here: " + "; ".join(skipped) + "."] if skipped else []
+
+
+def _process_cell(
+    figures: dict[str, dict[str, Any]], key: str, field: str, unit: str, step: str
+) -> str:
+    mine = figures.get(key, {})
+    if f"{step}_error" in mine:
+        return "failed"
+    value = mine.get(field)
+    if value is None:
+        return "—"
+    cell = _fmt(float(value), unit)
+    reference = figures.get("executor", {}).get(field)
+    if key != "executor" and reference:
+        cell += f" ({float(value) / float(reference):.2f}{TIMES})"
+    if field == "cpu_speedup" and mine.get("cpu_per_wall") is not None:
+        notes = [f"{mine['cpu_per_wall']:.2f} CPU/wall"]
+        if mine.get("others_cpu_per_wall") is not None:
+            notes.append(f"others {mine['others_cpu_per_wall']:.2f}")
+        if mine.get("cpu_loadavg_1m") is not None:
+            notes.append(f"load {mine['cpu_loadavg_1m']:.2f}")
+        cell += f" [{', '.join(notes)}]"
+    return cell
+
+
+def render_processes(
+    figures: dict[str, dict[str, Any]], counts: Counts, checks: list[dict[str, Any]]
+) -> str:
+    """The Processes table, its targets and its notes."""
+    labels = {entrant.key: entrant.label for entrant in PROCESS_CONTENDERS}
+    columns = [
+        entrant
+        for entrant in PROCESS_CONTENDERS
+        if entrant.key in figures and "skipped" not in figures[entrant.key]
+    ]
+    lines = ["### Processes", ""]
+    if not columns:
+        return "\n".join([*lines, "Nothing measured.", *_skipped_note(figures, labels)])
+    setup = figures.get("_setup", {})
+    n = f"{counts.noops:,}"
+    tasks = f"{counts.cpu_tasks} pure-Python CPU tasks⁶"
+    rows = [
+        (f"submit: {n} no-ops⁴, items/s", "submit_items_per_s", "items/s", "submit"),
+        (
+            f"map: {n} no-ops⁴, chunksize={counts.chunksize}⁵, items/s",
+            "map_items_per_s",
+            "items/s",
+            "map",
+        ),
+        ("round trip p50⁵, µs", "p50_us", "µs", "latency"),
+        ("round trip p99⁵, µs", "p99_us", "µs", "latency"),
+        (f"{tasks} on 1 worker, wall s", "cpu_one_s", "s", "cpu"),
+        (f"{tasks} on 2 workers, wall s", "cpu_two_s", "s", "cpu"),
+        (
+            f"{tasks}: 1 → 2 workers speedup [CPU/wall, others, load]",
+            "cpu_speedup",
+            TIMES,
+            "cpu",
+        ),
+        ("2 workers from nothing to their first results⁷, s", "start_s", "s", "start"),
+    ]
+    lines += [
+        "| figure | " + " | ".join(entrant.label for entrant in columns) + " |",
+        "| --- |" + " ---: |" * len(columns),
+    ]
+    for label, field, unit, step in rows:
+        cells = [_process_cell(figures, entrant.key, field, unit, step) for entrant in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _targets_table(checks)
+    iterations = setup.get("cpu_task_iterations")
     lines += [
         "",
-        f"Throughput and wall times are the best of {counts.repeats} runs on one warmed-up "
-        "pool (all runs are in `bench/results/latest.json`). "
-        "Ratios in parentheses are contender ÷ seed pattern, from the same run: higher is "
-        "better for items/s, lower is better for µs and wall seconds (the map-sleepers row is "
-        "divided by the seed's submit time). ¹ The seed pattern and raw anyio portals have no "
-        "`map`; their map row is per-item submit again (`run_coroutine_threadsafe` / "
-        "`start_task_soon`), measured separately. Round trips: seed "
-        "`run_coroutine_threadsafe(...).result()`, anyio `portal.call`, PortalPool "
-        "`pool.run`, "
-        f"{counts.latency_calls:,} calls after {counts.latency_warmup} warm-up, every "
-        f"contender open at once and taking turns of {counts.latency_calls // LATENCY_TURNS} "
-        "calls in a rotating order. Sleepers: each "
-        "contender awaits its backend's own sleep (`asyncio.sleep(0.1)`, or `trio.sleep(0.1)` "
-        "on trio; the raw portals `anyio.sleep(0.1)`); the floor row runs the same sleepers "
-        "on 2 threads that each run a bare loop of that kind, with no pool; wall time from the "
-        "first submit to the last result. Scaling: time(1 worker) ÷ time(2 workers), best of "
-        f"{counts.repeats} alternating rounds; in brackets, the same hashing on 2 vs 1 plain "
-        "threads in the same rounds, i.e. what the machine allowed at that moment. RSS: a fresh "
-        "subprocess per backend, VmHWM after minus before iterating the map without keeping "
-        f"results. ² {counts.skew_tasks:,} sync tasks arriving one per 2 ms, each "
-        "blocking its loop for 0.2 ms or (a seeded random 10%) 20 ms. Limits: set high "
-        "enough never to bind, so the row is their bookkeeping cost alone. ³ The same round "
-        "trips again with the caller and every contender's threads pinned to one CPU. With "
-        "threads free to move, most of a round trip on an idle machine is spent between cores, "
-        "and how much changes with the order the threads were started; pinned, the figure is "
-        "the cost of the round trip's own code.",
+        "Ratios in parentheses are contender ÷ `ProcessPoolExecutor`, from the same run. "
+        f"`ProcessPoolExecutor` uses the {setup.get('start_method', 'forkserver')} start "
+        "method. ⁴ It cannot run coroutines, so its no-ops and CPU tasks are plain "
+        "functions; every other contender runs coroutines. aiomultiprocess has no per-item "
+        "submit that returns a future, hence no submit row. ⁵ aiomultiprocess (its default "
+        "spawn start method, plus a manager process) has no `chunksize`: its map sends one "
+        "queue item per element. Its parent and children poll every 5 ms, so its round trip "
+        f"takes milliseconds; it is timed alone, {counts.amp_latency_calls} calls after "
+        f"10 warm-up, while the others take turns as in the main table ({counts.latency_calls:,} "
+        f"calls after {counts.latency_warmup} warm-up, `run` or `submit(...).result()`). "
+        f"⁶ Each task is a pure-Python loop of {iterations or '?':,} iterations, about "
+        f"{counts.cpu_task_ms} ms on one core here; the 1-worker and 2-worker pools run "
+        f"them in {counts.repeats} alternating rounds and the speedup is best ÷ best. "
+        "`childconcurrency=1` makes each aiomultiprocess child take one task at a time "
+        "(by default it takes up to 16, so one child can take all 8). CPU/wall: user + system "
+        "CPU seconds of the bench process and all its descendants (read from /proc, since "
+        "`RUSAGE_CHILDREN` only counts children that have exited) during the best 2-worker "
+        "round, ÷ its wall time: 2.00 means both workers computed throughout. Others: the "
+        "CPU the rest of the machine used in that round (from /proc/stat, hypervisor steal "
+        "included) ÷ its wall time; above 0.1 or so, another process was competing. Load: the "
+        "1-minute load average after that contender's rounds, its own work included. "
+        "⁷ A fresh interpreter per "
+        "sample, timed from the constructor to the results of one no-op per worker, so a "
+        "forkserver or manager started on first use is inside it; best of "
+        f"{counts.repeats}. Throughput: best of {counts.repeats} on one warmed-up pool.",
+        *_skipped_note(figures, labels),
     ]
-    if problems:
-        lines += ["", "**Problems in this run:**", ""]
-        lines += [f"- `{where}` {what}" for where, what in problems.items()]
+    return "\n".join(lines)
+
+
+def render_failures(
+    figures: dict[str, dict[str, Any]], labels: dict[str, str], timeout: float
+) -> str:
+    """The What-happens-when table: one row per situation, one column per contender."""
+    from .failures import (
+        INTERRUPT_EXIT,
+        INTERRUPT_GRACE,
+        KILL_SETTLE,
+        NEW_WORK_TIMEOUT,
+        SITUATIONS,
+        UNPICKLABLE_WAIT,
+    )
+
+    keys = [key for key, values in figures.items() if "skipped" not in values]
+    lines = ["### What happens when", ""]
+    if not keys:
+        return "\n".join([*lines, "Nothing measured.", *_skipped_note(figures, labels)])
+    lines += [
+        "| situation | " + " | ".join(labels.get(key, key) for key in keys) + " |",
+        "| --- |" + " --- |" * len(keys),
+    ]
+    for situation, described in SITUATIONS.items():
+        cells = [
+            str(figures[key].get(situation, {}).get("text", "—")).replace("|", "\\|")
+            for key in keys
+        ]
+        lines.append(f"| {described} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "2 workers each; `python -m bench.failures` runs this table alone. Every cell is one "
+        "run of a fresh subprocess in a session of its own, killed with its whole process "
+        f"group when it is done or after {timeout:g} s (**hung**). The tasks sleep "
+        "(`time.sleep` on `ProcessPoolExecutor`, `anyio.sleep` elsewhere) and leave a "
+        "marker file when they start and another in their `finally`. SIGKILL: once the tasks "
+        "run (`ProcessPoolExecutor` runs one per worker, the rest wait), the child running "
+        f"the most of them is killed; the futures get {KILL_SETTLE:g} s to settle, then a "
+        f"new no-op gets {NEW_WORK_TIMEOUT:g} s. Ctrl-C: SIGINT to the process group, as a "
+        "terminal sends it, with the pool in a `with` block (aiomultiprocess: `async with` "
+        f"under `asyncio.run`); the parent gets {INTERRUPT_EXIT:g} s to exit, the children "
+        f"{INTERRUPT_GRACE:g} s more; a `finally` is *interrupted* if it ran before the "
+        f"sleep's end. Unpicklable: `submit(noop, threading.Lock())`, {UNPICKLABLE_WAIT:g} s "
+        "for an outcome. aiomultiprocess is driven from a thread that runs its loop: "
+        "`submit` is `run_coroutine_threadsafe(pool.apply(...))`, and `cancel()` cancels "
+        "that future.",
+        *_skipped_note(figures, labels),
+    ]
     return "\n".join(lines)
 
 
@@ -559,13 +892,20 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     _write_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
-def update_readme(path: Path, block: str, chart: str | None) -> None:
+def update_readme(path: Path, sections: list[str], chart: str | None) -> None:
     """Replace the text between the bench markers, or append a Performance section.
 
-    Nothing outside the markers is changed.
+    ``sections`` are :func:`render_sections`; the chart goes after the first, the main
+    table's. Nothing outside the markers is changed.
     """
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    body = block + (f"\n\n![throughput by contender and backend]({chart})" if chart else "")
+    if chart:
+        sections = [
+            sections[0],
+            f"![throughput by contender and backend]({chart})",
+            *sections[1:],
+        ]
+    body = "\n\n".join(sections)
     section = f"{README_START}\n{body}\n{README_END}"
     start, end = text.find(README_START), text.find(README_END)
     if start != -1 and end > start:

@@ -11,13 +11,25 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from .cases import CASES, GROUP_CASES, REPO_ROOT, WORKERS, Case, Counts, Figures, GroupCase
+from .cases import (
+    CASES,
+    GROUP_CASES,
+    OWN_CASES,
+    REPO_ROOT,
+    WORKERS,
+    Case,
+    Counts,
+    Figures,
+    GroupCase,
+    OwnCase,
+)
 from .contenders import CONTENDERS, Contender
+from .processes import PROCESS_CONTENDERS
 from .report import (
     Results,
     check_targets,
     machine_info,
-    render,
+    render_sections,
     update_readme,
     write_chart,
     write_json,
@@ -46,15 +58,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"run only these cases (repeat or comma-separate): {', '.join(CASES)}",
     )
     parser.add_argument(
+        "--skip",
+        action="append",
+        metavar="NAME",
+        help="leave these cases out (repeat or comma-separate), e.g. --skip failures",
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="do not touch README.md or the PNG chart"
     )
     args = parser.parse_args(argv)
-    if args.only:
-        names = [name.strip() for value in args.only for name in value.split(",") if name.strip()]
-        unknown = [name for name in names if name not in CASES]
-        if unknown:
-            parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
-        args.only = names
+    for option in ("only", "skip"):
+        values = getattr(args, option)
+        if values:
+            names = [name.strip() for value in values for name in value.split(",")]
+            names = [name for name in names if name]
+            unknown = [name for name in names if name not in CASES]
+            if unknown:
+                parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+            setattr(args, option, names)
     return args
 
 
@@ -88,6 +109,17 @@ def run_cases(
     problems: dict[str, str] = {}
     for name in names:
         _, case = CASES[name]
+        if name in OWN_CASES:
+            # These cases print their own progress, and report a failed contender's
+            # figures as ``error`` or ``<figure>_error``.
+            own_case = cast(OwnCase, case)
+            by_own_key = _guarded(name, partial(own_case, counts), lambda _: {}, problems)
+            results[name] = by_own_key
+            for key, figures in by_own_key.items():
+                errors = _errors(figures)
+                if errors:
+                    problems[f"{name}/{key}"] = "failed: " + "; ".join(errors)
+            continue
         if name in GROUP_CASES:
             group_case = cast(GroupCase, case)
             by_key = _guarded(
@@ -109,6 +141,17 @@ def run_cases(
             )
             _record(name, contender, figures, results)
     return results, problems
+
+
+def _errors(figures: Figures) -> list[str]:
+    """The errors in an own case's figures for one contender, found at any depth."""
+    found: list[str] = []
+    for field, value in figures.items():
+        if isinstance(value, dict):
+            found += [f"{field}: {error}" for error in _errors(value)]
+        elif value is not None and (field == "error" or field.endswith("_error")):
+            found.append(f"{field} {value}" if field != "error" else str(value))
+    return found
 
 
 def _guarded(
@@ -143,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the markdown table; 1 if a case failed or leaked threads."""
     args = _parse(argv)
     counts = Counts().scaled(QUICK_DIVISOR) if args.quick else Counts()
-    names = args.only or list(CASES)
+    names = [name for name in args.only or list(CASES) if name not in (args.skip or [])]
     contenders = [contender for contender in CONTENDERS if contender.available]
     skipped = [contender.label for contender in CONTENDERS if not contender.available]
     if skipped:
@@ -154,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(os, "getloadavg"):
         machine["loadavg_at_end"] = os.getloadavg()
     checks = check_targets(results, counts)
-    table = render(results, contenders, counts, machine, checks, problems, args.quick)
-    print(table)
+    sections = render_sections(results, contenders, counts, machine, checks, problems, args.quick)
+    print("\n\n".join(sections))
 
     write_json(
         RESULTS_DIR / "latest.json",
@@ -166,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             "workers": WORKERS,
             "counts": vars(counts),
             "contenders": {c.key: c.label for c in contenders},
+            "process_contenders": {c.key: c.label for c in PROCESS_CONTENDERS},
             "results": results,
             "targets": checks,
             "problems": problems,
@@ -175,5 +219,5 @@ def main(argv: list[str] | None = None) -> int:
         chart = RESULTS_DIR / "throughput.png"
         drawn = write_chart(chart, results, contenders, counts)
         relative = chart.relative_to(REPO_ROOT).as_posix() if drawn else None
-        update_readme(REPO_ROOT / "README.md", table, relative)
+        update_readme(REPO_ROOT / "README.md", sections, relative)
     return 1 if problems else 0
