@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._exceptions import safe_repr
 from ._host import Host
+from ._process_host import ProcessHost
 from ._thread_host import ThreadHost
 
 
@@ -15,8 +16,6 @@ def make_host(host: str | Host) -> Host:
     if host == "thread":
         return ThreadHost()
     if host == "process":
-        from ._process_host import ProcessHost
-
         return ProcessHost()
     if not isinstance(host, str) and hasattr(host, "_host_worker"):
         return host

@@ -129,6 +129,15 @@ def decode_call(blob: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict[
     return fn, args, kwargs
 
 
+def run_encoded(blob: bytes) -> Any:
+    """Make the call that :func:`encode_call` pickled: what a worker process runs.
+
+    :raises TypeError: if the call cannot be unpickled here (see :func:`decode_call`)
+    """
+    fn, args, kwargs = decode_call(blob)
+    return fn(*args, **kwargs)
+
+
 def encode_outcome(ok: bool, value: object) -> bytes:
     """Pickle a task's result (``ok``) or exception, to send it back to the parent.
 

@@ -16,7 +16,7 @@ from concurrent.futures import Executor, Future
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
 import anyio
 
@@ -170,6 +170,12 @@ class PortalPool(MapMethods, Executor, Generic[C]):
                 # No thread could be started, say.
                 raise BrokenPortalPool(f"a worker failed to start: {safe_repr(exc)}") from exc
             raise
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "a PortalPool cannot be sent to a worker: its locks, threads and processes "
+            "belong to this process; submit the work from here instead"
+        )
 
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else "running"

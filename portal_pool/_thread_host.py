@@ -25,6 +25,7 @@ from anyio.lowlevel import EventLoopToken, current_token
 
 from ._exceptions import BrokenPortalPool, safe_repr
 from ._future import PENDING, TaskFuture
+from ._supervision import RestartPolicy
 from ._tokens import call_soon_or_drop
 from ._worker import _task_worker, _thread_state
 
@@ -34,11 +35,6 @@ if TYPE_CHECKING:
     from ._worker import Worker
 
 logger = logging.getLogger("portal_pool")
-
-# A worker whose loop fails again after this many restarts within this many seconds is
-# broken rather than restarted: its failure comes back as soon as it starts.
-RESTART_BURST = 5
-RESTART_WINDOW = 1.0
 
 
 class ThreadHost:
@@ -259,20 +255,15 @@ class ThreadLoop:
             # cannot even start again, or keeps failing as soon as it starts (a
             # worker_context that fails or ends at once), leaves the worker broken rather
             # than spinning.
-            restarted: deque[float] = deque(maxlen=RESTART_BURST)  # their times
+            policy = RestartPolicy()
             while True:
                 failure, accepted = self._run_one_loop()
                 with worker._lock:
                     stopping = worker._stop_request is not None
-                if failure is None or stopping or (not accepted and not restarted):
+                if failure is None or stopping or (not accepted and not policy.restarted):
                     break  # stopped, or a failed start, which PortalPool(...) reports
-                now = time.monotonic()
-                if not accepted:
-                    why = "failed and its replacement could not start"
-                elif len(restarted) == RESTART_BURST and now - restarted[0] < RESTART_WINDOW:
-                    why = f"failed again after {RESTART_BURST} restarts in {RESTART_WINDOW:g} s"
-                else:
-                    restarted.append(now)
+                why = policy.gives_up(accepted)
+                if why is None:
                     worker._restarts += 1
                     logger.warning(
                         "worker %d's event loop failed; restarting it (restart %d)",

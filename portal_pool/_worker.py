@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import suppress
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
 import anyio
 from anyio.lowlevel import current_token
@@ -119,6 +119,12 @@ class Worker(Generic[C_co]):
         self._host_loop: HostedLoop = host._host_worker(self, settings)
         # The host's encoding of a call, for a loop in another process; None for threads.
         self._encode: Callable[..., tuple[Any, ...]] | None = host._call_encoder()
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "a Worker cannot be sent to a worker process; inside a task, "
+            "current_worker() gives the worker that runs it"
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

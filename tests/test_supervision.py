@@ -14,9 +14,9 @@ from typing import Any
 import anyio
 import pytest
 
-import portal_pool._thread_host
+import portal_pool._supervision
 from portal_pool import BrokenPortalPool, PortalPool, current_worker
-from portal_pool._thread_host import RESTART_BURST, RESTART_WINDOW
+from portal_pool._supervision import RESTART_BURST, RESTART_WINDOW
 
 from .faults import ConnectsOnce, kill_current_loop
 
@@ -131,7 +131,7 @@ def ends_at_once_counting(entered: list[int]) -> Callable[[], Any]:
 def test_a_loop_that_fails_at_once_again_and_again_leaves_the_worker_broken(
     backend_kwargs: dict[str, Any], pool_log: RecordEvents, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(portal_pool._thread_host, "time", SimpleNamespace(monotonic=lambda: 0.0))
+    monkeypatch.setattr(portal_pool._supervision, "time", SimpleNamespace(monotonic=lambda: 0.0))
     entered: list[int] = []
     pool = PortalPool(1, worker_context=ends_at_once_counting(entered), **backend_kwargs)
     worker = pool.workers[0]
@@ -151,7 +151,7 @@ def test_failures_spread_over_time_are_each_restarted(
 ) -> None:
     ticks = itertools.count()
     clock = SimpleNamespace(monotonic=lambda: next(ticks) * RESTART_WINDOW)  # each a window apart
-    monkeypatch.setattr(portal_pool._thread_host, "time", clock)
+    monkeypatch.setattr(portal_pool._supervision, "time", clock)
     entered: list[int] = []
     many = RESTART_BURST + 3
     restarted = threading.Semaphore(0)
