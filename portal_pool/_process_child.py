@@ -96,9 +96,9 @@ def _read(connection: Connection, worker: Worker[Any], outbox: _Outbox) -> None:
                 future.add_done_callback(partial(_report_done, outbox, futures, call_id))
         elif kind == "cancel":
             for call_id in payload:
-                future = futures.get(call_id)
-                if future is not None:  # else it is over, and its outcome on its way
-                    future.cancel()
+                running = futures.get(call_id)
+                if running is not None:  # else it is over, and its outcome on its way
+                    running.cancel()
         else:  # "stop", with its cancel flag
             worker._request_stop(payload)
 

@@ -22,9 +22,10 @@ import signal
 import socket
 import threading
 from collections import deque
+from collections.abc import Callable
 from contextlib import suppress
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._exceptions import BrokenPortalPool, safe_repr
 from ._future import TaskFuture
@@ -281,7 +282,9 @@ class ProcessLoop:
         and whether it started serving."""
         worker = self._worker
         receiver, sender = self._context.Pipe(duplex=True)
-        process = self._context.Process(  # type: ignore[attr-defined]
+        # The context's Process class: typeshed gives BaseContext none.
+        make_process = cast("Callable[..., BaseProcess]", self._context.Process)  # type: ignore[attr-defined]
+        process = make_process(
             target=child_main,
             args=(sender, self._config),
             name=f"{self._link.name}-process",
@@ -353,7 +356,11 @@ class _ChildLink:
     def serve(self) -> bool:
         """Serve the child until it says goodbye (``False``) or dies (``True``)."""
         loop = self._loop
-        waitables = [self._connection, loop._wake_receiver, self._process.sentinel]
+        waitables: list[Connection | socket.socket | int] = [
+            self._connection,
+            loop._wake_receiver,
+            self._process.sentinel,
+        ]
         while True:
             ready = wait(waitables)
             if loop._wake_receiver in ready:
