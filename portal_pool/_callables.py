@@ -1,7 +1,10 @@
-"""What may be submitted: checked in the caller's thread, before anything is queued."""
+"""What may be submitted, checked in the caller's thread before anything is queued, and
+the ``worker_context`` a worker enters."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from inspect import (
     CO_ASYNC_GENERATOR,
@@ -12,6 +15,7 @@ from inspect import (
     iscoroutine,
 )
 from types import FunctionType
+from typing import Any
 
 from ._exceptions import safe_repr
 
@@ -66,3 +70,18 @@ def _name_of(fn: object) -> str:
     while isinstance(fn, partial):
         fn = fn.func
     return str(getattr(fn, "__name__", "fn"))
+
+
+def open_worker_context(factory: Callable[[], Any]) -> AbstractAsyncContextManager[Any]:
+    """Call the pool's ``worker_context``; check that it gave an async context manager.
+
+    :raises TypeError: for anything else
+    """
+    manager = factory()
+    if not (hasattr(manager, "__aenter__") and hasattr(manager, "__aexit__")):
+        raise TypeError(
+            f"worker_context must be a zero-argument callable returning an async context "
+            f"manager, but it returned {type(manager).__name__}; wrap an async generator "
+            f"with @contextlib.asynccontextmanager"
+        )
+    return manager  # type: ignore[no-any-return]

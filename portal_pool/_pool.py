@@ -38,9 +38,9 @@ from ._mapping import MapMethods
 from ._scheduler import RoundRobin, Scheduler, make_scheduler
 from ._signals import wait_in_slices
 from ._statistics import PoolStatistics
-from ._tokens import wait_future
+from ._tokens import wait_for_result, wait_future
 from ._watchdog import StallWatchdog
-from ._worker import Worker, _task_worker, wait_for_result
+from ._worker import Worker, _task_worker
 
 T = TypeVar("T")
 P = ParamSpec("P")

@@ -16,13 +16,14 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.from_thread import BlockingPortal
 from anyio.lowlevel import EventLoopToken, current_token
 
+from ._callables import open_worker_context
 from ._exceptions import BrokenPortalPool, safe_repr
 from ._future import PENDING, TaskFuture
 from ._supervision import RestartPolicy
@@ -366,7 +367,7 @@ class ThreadLoop:
                 async with AsyncExitStack() as stack:
                     if self._context_factory is not None:
                         self._context = await stack.enter_async_context(
-                            _open_context(self._context_factory)
+                            open_worker_context(self._context_factory)
                         )
                     # Made only now: its tasks start in copies of the context as
                     # worker_context left it, and serve() publishes it at once, so the
@@ -426,14 +427,3 @@ def _cancel_in_loop(future: TaskFuture[Any]) -> None:
     canceller = future._canceller
     if canceller is not None:
         canceller.cancel()
-
-
-def _open_context(factory: Callable[[], Any]) -> AbstractAsyncContextManager[Any]:
-    manager = factory()
-    if not (hasattr(manager, "__aenter__") and hasattr(manager, "__aexit__")):
-        raise TypeError(
-            f"worker_context must be a zero-argument callable returning an async context "
-            f"manager, but it returned {type(manager).__name__}; wrap an async generator "
-            f"with @contextlib.asynccontextmanager"
-        )
-    return manager  # type: ignore[no-any-return]

@@ -1,13 +1,16 @@
-"""Waking an event loop from any thread through its anyio event-loop token."""
+"""Waiting for a future from sync code and from any event loop, and waking a loop from
+any thread through its anyio event-loop token."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
+
+T = TypeVar("T")
 
 
 def call_soon_or_drop(token: EventLoopToken, fn: Callable[..., object], *args: Any) -> bool:
@@ -31,3 +34,12 @@ async def wait_future(future: Future[Any]) -> None:
     done = anyio.Event()
     future.add_done_callback(lambda _: call_soon_or_drop(token, done.set))
     await done.wait()
+
+
+def wait_for_result(future: Future[T]) -> T:
+    """Block on ``future``; if the wait itself is interrupted, cancel the work."""
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        raise

@@ -12,7 +12,6 @@ import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from contextlib import suppress
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
@@ -20,11 +19,11 @@ import anyio
 from anyio.lowlevel import current_token
 
 from ._callables import check_callable
+from ._counts import TaskCounts
 from ._exceptions import BrokenPortalPool
 from ._flow import FORK_MESSAGE, SHUTDOWN_MESSAGE, PendingLimit
-from ._future import CANCELLED, CANCELLED_AND_NOTIFIED, TaskFuture
-from ._statistics import WorkerStatistics
-from ._tokens import call_soon_or_drop
+from ._future import TaskFuture
+from ._tokens import call_soon_or_drop, wait_for_result
 
 if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
@@ -62,7 +61,7 @@ def current_worker() -> Worker[Any]:
     return worker
 
 
-class Worker(Generic[C_co]):
+class Worker(TaskCounts, Generic[C_co]):
     """The pool's handle on one event loop, with its own inbox.
 
     :meth:`submit` appends to a deque and wakes the loop side once per burst rather
@@ -100,21 +99,8 @@ class Worker(Generic[C_co]):
         self._thread_ident: int | None = None
         # Tasks the loop side has started and not yet ended; written by the host.
         self._active = 0
-        # Statistics. Submissions are counted under self._lock, exits under their own
-        # lock: the loop side settles every task, and sharing the inbox lock with the
-        # submitters would make the two sides contend once per item.
-        self._submitted = 0
-        # Reentrant for the same reason as self._lock: a task exit re-entering a section
-        # is handed over to the interrupted thread (see _record_exit).
-        self._exit_lock = threading.RLock()
-        self._exits_handed_over: deque[TaskFuture[Any]] = deque()
-        self._exited_count = 0
-        self._completed = 0
-        self._failed = 0
-        self._cancelled = 0
-        self._restarts = 0
-        self._stalls = 0
-        self._loop_lag: float | None = None
+        self._submitted = 0  # counted under self._lock; exits under the counts' own
+        self._init_counts()
         # Made last: a host may read any of the above while it sets up.
         self._host_loop: HostedLoop = host._host_worker(self, settings)
         # The host's encoding of a call, for a loop in another process; None for threads.
@@ -383,31 +369,6 @@ class Worker(Generic[C_co]):
             future._after_fork_in_child()
             future._settle_broken(broken)
 
-    @property
-    def _unfinished(self) -> int:
-        """Tasks submitted here and not yet over: the load a scheduler sees."""
-        # Two reads without a lock: off by one in a race, never wrong for long.
-        return max(self._submitted - self._exited_count, 0)
-
-    def _statistics(self) -> WorkerStatistics:
-        with self._exit_lock:
-            completed, failed, cancelled = self._completed, self._failed, self._cancelled
-        if self._exits_handed_over:  # exits that interrupted the section above
-            self._record_handed_over()
-        unfinished = self._unfinished
-        running = min(self._active, unfinished)  # read without the loop's cooperation
-        return WorkerStatistics(
-            index=self._index,
-            running=running,
-            queued=unfinished - running,
-            completed=completed,
-            failed=failed,
-            cancelled=cancelled,
-            restarts=self._restarts,
-            stalls=self._stalls,
-            loop_lag=self._loop_lag,
-        )
-
     # -- called by the host -----------------------------------------------------------
 
     def _take_inbox(self) -> deque[TaskFuture[Any]]:
@@ -422,37 +383,6 @@ class Worker(Generic[C_co]):
     def _requeue(self, future: TaskFuture[Any]) -> None:
         with self._lock:
             self._inbox.appendleft(future)
-
-    def _record_exit(self, future: TaskFuture[Any]) -> None:
-        if self._exit_lock._is_owned():  # type: ignore[attr-defined]
-            # This thread was interrupted inside the section below, or _statistics', by
-            # a call that ended a future (a signal handler's cancel, a __del__, ...):
-            # counting here could be overwritten by the rest of that section. The whole
-            # record waits until the section is over (see _record_handed_over).
-            self._exits_handed_over.append(future)
-            return
-        state = future._state
-        with self._exit_lock:
-            self._exited_count += 1
-            if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                self._cancelled += 1
-            elif future._exception is not None:
-                self._failed += 1
-            else:
-                self._completed += 1
-        if self._pending_limit is not None:
-            self._pending_limit.release()
-        if self._exits_handed_over:
-            self._record_handed_over()
-
-    def _record_handed_over(self) -> None:
-        # Not while an outer section of this thread still holds the lock (stats() from a
-        # handler, say): that section records them when it leaves. Recording one can be
-        # interrupted in turn: hence the loop.
-        handed_over = self._exits_handed_over
-        while handed_over and not self._exit_lock._is_owned():  # type: ignore[attr-defined]
-            with suppress(IndexError):  # another thread took the last one meanwhile
-                self._record_exit(handed_over.popleft())
 
     def _cancelled_by_stop(self, future: TaskFuture[Any]) -> bool:
         """At a call's first step: cancel it if a cancelling stop came first; ``True`` if so.
@@ -486,12 +416,3 @@ def _check_not_in_pool_loop(limit: PendingLimit) -> None:
             f"the pool is full (max_pending={limit.limit}) and waiting for room inside "
             f"one of its own loops could deadlock; use 'await pool.run_async(...)' there"
         )
-
-
-def wait_for_result(future: Future[T]) -> T:
-    """Block on ``future``; if the wait itself is interrupted, cancel the work."""
-    try:
-        return future.result()
-    except BaseException:
-        future.cancel()
-        raise
