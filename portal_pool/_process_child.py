@@ -15,21 +15,25 @@ import pickle
 import queue
 import signal
 import threading
+from collections import deque
 from concurrent.futures import Future, wait
 from functools import partial
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 from ._host import LoopSettings
 from ._pickling import decode_call, encode_outcome, run_encoded
-from ._thread_host import ThreadHost
+from ._thread_host import ThreadHost, ThreadLoop
+from ._tokens import call_soon_or_drop
 from ._watchdog import StallWatchdog
 from ._worker import Worker
 
 # How long the work of a child whose parent is gone gets to end its clean-up.
 _ORPHAN_GRACE = 1.5
 
-_Outbox = queue.SimpleQueue[Any]
+# A message up to this size is sent by the loop thread itself: the pipe's buffer holds
+# it, so the send does not block the loop. A bigger one goes to the writer thread.
+_DIRECT_SEND_MAX = 64 * 1024
 
 
 def child_main(connection: Connection, config_blob: bytes) -> None:
@@ -40,8 +44,6 @@ def child_main(connection: Connection, config_blob: bytes) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     make_config, args, kwargs = decode_call(config_blob)
     config: dict[str, Any] = make_config(*args, **kwargs)
-    outbox: _Outbox = queue.SimpleQueue()
-    _forward_logs(outbox)
     settings = LoopSettings(
         backend=config["backend"],
         backend_options=config["backend_options"],
@@ -52,13 +54,11 @@ def child_main(connection: Connection, config_blob: bytes) -> None:
         stall_timeout=config["stall_timeout"],
     )
     worker: Worker[Any] = Worker(config["index"], ThreadHost(), settings)
-    writer = threading.Thread(
-        target=_write, args=(connection, outbox, worker), name="portal_pool-writer"
-    )
-    writer.start()
+    outbox = _Outbox(connection, worker)
+    _forward_logs(outbox)
     worker._ready.add_done_callback(partial(_report_ready, outbox))
     # After every task's outcome: the loop has settled them all when it exits.
-    worker._exited.add_done_callback(lambda _: outbox.put(None))
+    worker._exited.add_done_callback(lambda _: outbox.close())
     worker._start()
     watchdog = None
     if settings.stall_timeout is not None:
@@ -74,7 +74,7 @@ def child_main(connection: Connection, config_blob: bytes) -> None:
                 os._exit(1)  # a task that ignores cancellation must not keep us alive
         if watchdog is not None:
             watchdog.stop(wait=True)
-        writer.join()
+        outbox.join()
 
 
 def _read(connection: Connection, worker: Worker[Any], outbox: _Outbox) -> None:
@@ -114,38 +114,108 @@ def _report_ready(outbox: _Outbox, ready: Future[None]) -> None:
 def _report_done(
     outbox: _Outbox, futures: dict[int, Future[Any]], call_id: int, future: Future[Any]
 ) -> None:
-    # Encoded by the writer, not here in the loop thread: pickling a large result would
-    # stall every other task of this loop.
     futures.pop(call_id, None)
-    outbox.put(("future", call_id, future))
+    # The last call in flight: no burst to wait for, so no reason to wait a loop turn.
+    outbox.put_outcome(call_id, future, alone=not futures)
 
 
-def _write(connection: Connection, outbox: _Outbox, worker: Worker[Any]) -> None:
-    """Send what the outbox collects, one message per burst, until the worker has ended."""
-    ending = False
-    while not ending:
-        events = [outbox.get()]
-        try:
-            while True:
-                events.append(outbox.get_nowait())
-        except queue.Empty:
-            pass
+class _Outbox:
+    """Events for the parent, in order, sent in bursts: one message per burst.
+
+    Outcomes settled in the loop thread are sent once per burst, by one callback that
+    the first of them schedules in the loop: no thread hop on the way back, and a
+    burst of results costs one message. A message too big for the pipe's buffer goes
+    to a writer thread instead, so a large result never blocks the loop. Other threads
+    (the reader, the watchdog, logging) send at once.
+    """
+
+    def __init__(self, connection: Connection, worker: Worker[Any]) -> None:
+        self._connection = connection
+        self._worker = worker
+        self._thread_loop = cast("ThreadLoop", worker._host_loop)
+        self._events: deque[tuple[Any, ...]] = deque()
+        # One sender at a time, whole messages; the writer releases it after its send.
+        self._send_lock = threading.Lock()
+        # The loop token that a flush is scheduled on: a replaced loop has a new token,
+        # so a flush lost with the old loop cannot hold outcomes back.
+        self._scheduled_on: object = None
+        self._big: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_big, name="portal_pool-writer")
+        self._writer.start()
+
+    def put(self, event: tuple[Any, ...]) -> None:
+        """Send ``event`` now (with whatever else is waiting); from any thread."""
+        self._events.append(event)
+        self._flush(blocking=True)
+
+    def put_outcome(self, call_id: int, future: Future[Any], alone: bool) -> None:
+        """Send a settled call's outcome: at once if it is ``alone`` in flight, else at
+        the end of the loop's burst (if settled in the loop)."""
+        self._events.append(("future", call_id, future))
+        token = self._thread_loop._token
+        if token is None or threading.get_ident() != self._worker._thread_ident:
+            self._flush(blocking=True)  # settled outside the loop (a dying loop's work)
+        elif alone:
+            self._flush(blocking=False)
+        elif self._scheduled_on is not token:
+            self._scheduled_on = token
+            if not call_soon_or_drop(token, self._flush_burst):
+                self._scheduled_on = None
+                self._flush(blocking=True)
+
+    def close(self) -> None:
+        """Say goodbye after everything else: the worker has ended."""
+        self.put(("bye",))
+        self._big.put(None)
+
+    def join(self) -> None:
+        self._writer.join()
+
+    def _flush_burst(self) -> None:
+        self._scheduled_on = None
+        self._flush(blocking=False)
+
+    def _flush(self, blocking: bool) -> None:
+        while self._events:
+            if not self._send_lock.acquire(blocking):
+                return  # its holder sends what is here once it lets go (see below)
+            handed_over = False
+            try:
+                message = self._message()
+                if len(message) > _DIRECT_SEND_MAX and not blocking:
+                    self._big.put(message)  # the writer sends it, then lets go
+                    handed_over = True
+                    return
+                self._connection.send_bytes(message)
+            except OSError:
+                return  # the parent is gone: the reader sees it too
+            finally:
+                if not handed_over:
+                    self._send_lock.release()
+            # Events added while we sent, by a thread that found the lock taken.
+
+    def _message(self) -> bytes:
         batch: list[tuple[Any, ...]] = []
-        for event in events:
-            if event is None:
-                ending = True
-            elif event[0] == "future":
-                _, call_id, future = event
-                batch.append(("done", call_id, _encoded(future)))
+        events = self._events
+        while events:
+            event = events.popleft()
+            if event[0] == "future":
+                batch.append(("done", event[1], _encoded(event[2])))
             else:
                 batch.append(event)
+        worker = self._worker
         batch.append(("status", worker._restarts, worker._stalls, worker._loop_lag))
-        if ending:
-            batch.append(("bye",))
-        try:
-            connection.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
-        except OSError:
-            return  # the parent is gone: the main thread sees it too
+        return pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
+
+    def _write_big(self) -> None:
+        while (message := self._big.get()) is not None:
+            try:
+                self._connection.send_bytes(message)
+            except OSError:
+                pass  # the parent is gone
+            finally:
+                self._send_lock.release()
+            self._flush(blocking=True)
 
 
 def _encoded(future: Future[Any]) -> bytes | None:

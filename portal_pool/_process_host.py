@@ -18,13 +18,14 @@ import itertools
 import logging
 import multiprocessing
 import pickle
+import selectors
 import signal
 import socket
 import threading
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, cast
 
 from ._exceptions import BrokenPortalPool, safe_repr
@@ -356,23 +357,30 @@ class _ChildLink:
     def serve(self) -> bool:
         """Serve the child until it says goodbye (``False``) or dies (``True``)."""
         loop = self._loop
-        waitables: list[Connection | socket.socket | int] = [
-            self._connection,
-            loop._wake_receiver,
-            self._process.sentinel,
-        ]
+        # One selector for the child's life: multiprocessing.connection.wait() would
+        # build and fill a new one on every wake-up, twice per round trip.
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._connection, selectors.EVENT_READ)
+            selector.register(loop._wake_receiver, selectors.EVENT_READ)
+            selector.register(self._process.sentinel, selectors.EVENT_READ)
+            return self._serve(selector)
+
+    def _serve(self, selector: selectors.BaseSelector) -> bool:
+        loop = self._loop
+        sentinel = self._process.sentinel
         while True:
-            ready = wait(waitables)
-            if loop._wake_receiver in ready:
+            ready = {key.fd for key, _ in selector.select()}
+            if loop._wake_receiver.fileno() in ready:
                 with suppress(BlockingIOError):
                     loop._wake_receiver.recv(4096)
             try:
                 # Everything the child sent, before a death that the sentinel shows.
-                while self._connection.poll():
-                    self._receive(pickle.loads(self._connection.recv_bytes()))
+                if self._connection.fileno() in ready or sentinel in ready:
+                    while self._connection.poll():
+                        self._receive(pickle.loads(self._connection.recv_bytes()))
                 if self._said_bye:
                     return False
-                if self._process.sentinel in ready:
+                if sentinel in ready:
                     raise EOFError
                 if self.accepted:
                     self._send_pending()
