@@ -10,7 +10,6 @@ from collections.abc import (
     Callable,
     Hashable,
     Mapping,
-    Sequence,
 )
 from concurrent.futures import Executor, Future
 from contextlib import AbstractAsyncContextManager
@@ -35,7 +34,7 @@ from ._lifecycle import (
     stop_workers,
 )
 from ._mapping import MapMethods
-from ._scheduler import RoundRobin, Scheduler, make_scheduler
+from ._scheduler import Loads, RoundRobin, Scheduler, make_scheduler
 from ._signals import wait_in_slices
 from ._statistics import PoolStatistics
 from ._tokens import wait_for_result, wait_future
@@ -132,7 +131,7 @@ class PortalPool(MapMethods, Executor, Generic[C]):
         self._workers: tuple[Worker[C], ...] = tuple(
             Worker(index, self._host, settings) for index in range(max_workers)
         )
-        self._loads = _Loads(self._workers)
+        self._loads = Loads(self._workers)
         self._start_workers()
         self._watchdog = None
         if stall_timeout is not None:
@@ -402,21 +401,6 @@ class PortalPool(MapMethods, Executor, Generic[C]):
 def _cpu_count() -> int:
     count = getattr(os, "process_cpu_count", os.cpu_count)()
     return count or 1
-
-
-class _Loads(Sequence[int]):
-    """What a scheduler sees: each worker's unfinished task count, read on demand."""
-
-    __slots__ = ("_workers",)
-
-    def __init__(self, workers: tuple[Worker[Any], ...]) -> None:
-        self._workers = workers
-
-    def __len__(self) -> int:
-        return len(self._workers)
-
-    def __getitem__(self, index: int) -> int:  # type: ignore[override]
-        return self._workers[index]._unfinished
 
 
 # Whether trio knows that leaving ``async with`` must not be interrupted mid-step.

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ._exceptions import safe_repr
+
+if TYPE_CHECKING:
+    from ._worker import Worker
 
 __all__ = ["LeastLoaded", "RoundRobin", "Scheduler"]
 
@@ -82,3 +85,18 @@ def make_scheduler(schedule: str | Scheduler) -> Scheduler:
             f"choose(loads) method, got {safe_repr(schedule)}{hint}"
         )
     return schedule
+
+
+class Loads(Sequence[int]):
+    """What a scheduler sees: each worker's unfinished task count, read on demand."""
+
+    __slots__ = ("_workers",)
+
+    def __init__(self, workers: tuple[Worker[Any], ...]) -> None:
+        self._workers = workers
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __getitem__(self, index: int) -> int:  # type: ignore[override]
+        return self._workers[index]._unfinished

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
-import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -28,6 +25,7 @@ from ._exceptions import BrokenPortalPool, safe_repr
 from ._future import PENDING, TaskFuture
 from ._supervision import RestartPolicy
 from ._tokens import call_soon_or_drop
+from ._watchdog import Heartbeat
 from ._worker import _task_worker, _thread_state
 
 if TYPE_CHECKING:
@@ -96,9 +94,7 @@ class ThreadLoop:
         self._max_concurrency = settings.max_concurrency
         self._waiting: deque[TaskFuture[Any]] = deque()
         self._starting_waiting = False
-        # The stall watchdog's ping in flight (its send time), and whether it was reported.
-        self._ping_sent: float | None = None
-        self._stall_reported = False
+        self._heartbeat = Heartbeat(worker, self._call_soon)
 
     # -- the worker's side ----------------------------------------------------------------
 
@@ -144,31 +140,8 @@ class ThreadLoop:
         pass  # a thread cannot be ended from outside: the process ends around it
 
     def check_heartbeat(self, now: float, stall_timeout: float) -> None:
-        """Called by the stall watchdog: ping the loop, or report a ping left unanswered."""
-        sent = self._ping_sent
-        if sent is None:
-            if self._runtime is not None:
-                self._ping_sent = now
-                self._stall_reported = False
-                self._call_soon(self._answer_ping, now)
-            return
-        worker = self._worker
-        waited = now - sent
-        worker._loop_lag = waited
-        if waited < stall_timeout or self._stall_reported:
-            return
-        self._stall_reported = True  # once per stall, however long it lasts
-        worker._stalls += 1
-        frame = sys._current_frames().get(worker._thread_ident or -1)
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else "?"
-        logger.warning(
-            "worker %d's event loop has not responded for %.2f s (stall %d); "
-            "something is blocking it. Its thread is at:\n%s",
-            self._index,
-            waited,
-            worker._stalls,
-            stack,
-        )
+        if self._runtime is not None or self._heartbeat.ping_in_flight:
+            self._heartbeat.check(now, stall_timeout)
 
     def after_fork_in_child(self) -> list[TaskFuture[Any]]:
         self._token = None
@@ -317,7 +290,7 @@ class ThreadLoop:
             worker._inbox.extendleft(reversed(self._waiting))
             self._waiting.clear()
             worker._active = 0
-            self._ping_sent = None  # a ping the dead loop never answered is no stall
+            self._heartbeat.forget_ping()  # one the dead loop never answered is no stall
             self._token = None
             self._portal = None
             self._startup_scope = None
@@ -417,10 +390,6 @@ class ThreadLoop:
         self._drain()  # work queued while a previous loop was being replaced
         if stop is not None:
             self._stop_in_loop(stop)
-
-    def _answer_ping(self, sent: float) -> None:
-        self._worker._loop_lag = time.monotonic() - sent
-        self._ping_sent = None
 
 
 def _cancel_in_loop(future: TaskFuture[Any]) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import queue
+import sys
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._worker import Worker
+
+logger = logging.getLogger("portal_pool")
 
 
 class StallWatchdog:
@@ -52,3 +57,55 @@ class StallWatchdog:
                     worker._host_loop.check_heartbeat(now, self._stall_timeout)
             else:
                 return
+
+
+class Heartbeat:
+    """One worker's side of the watchdog, for a loop in this process.
+
+    A ping is one callback scheduled in the loop: while the loop is healthy it costs one
+    wake-up per interval and nothing on the submit path.
+    """
+
+    def __init__(self, worker: Worker[Any], call_soon: Callable[..., None]) -> None:
+        self._worker = worker
+        self._call_soon = call_soon
+        # The ping in flight (its send time), and whether its stall was reported.
+        self._sent: float | None = None
+        self._reported = False
+
+    @property
+    def ping_in_flight(self) -> bool:
+        return self._sent is not None
+
+    def check(self, now: float, stall_timeout: float) -> None:
+        """Ping the loop, or report a ping left unanswered for ``stall_timeout``."""
+        sent = self._sent
+        if sent is None:
+            self._sent = now
+            self._reported = False
+            self._call_soon(self._answer, now)
+            return
+        worker = self._worker
+        waited = now - sent
+        worker._loop_lag = waited
+        if waited < stall_timeout or self._reported:
+            return
+        self._reported = True  # once per stall, however long it lasts
+        worker._stalls += 1
+        frame = sys._current_frames().get(worker._thread_ident or -1)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "?"
+        logger.warning(
+            "worker %d's event loop has not responded for %.2f s (stall %d); "
+            "something is blocking it. Its thread is at:\n%s",
+            worker.index,
+            waited,
+            worker._stalls,
+            stack,
+        )
+
+    def forget_ping(self) -> None:
+        self._sent = None
+
+    def _answer(self, sent: float) -> None:
+        self._worker._loop_lag = time.monotonic() - sent
+        self._sent = None
