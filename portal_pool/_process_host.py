@@ -25,6 +25,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, cast
 
@@ -90,10 +91,34 @@ class ProcessHost:
         return self._context
 
     def _host_worker(self, worker: Worker[Any], settings: LoopSettings) -> ProcessLoop:
+        if self._context.get_start_method() == "forkserver":
+            _preload_in_forkserver(settings)
         return ProcessLoop(worker, settings, self._context)
 
     def _call_encoder(self) -> Any:
         return _encode_for_child
+
+
+def _preload_in_forkserver(settings: LoopSettings) -> None:
+    """Have the forkserver import what every worker process needs, once.
+
+    Each child is then forked with the imports done: a worker process starts in about a
+    quarter of the time (0.04 s instead of 0.16 s for two asyncio workers, here). It
+    takes effect only if the forkserver has not started yet, and adds to its list rather
+    than replacing it (the list is private to multiprocessing: read with a default).
+    """
+    modules = ["portal_pool._process_child"]
+    if settings.backend == "trio":
+        modules += ["trio", "anyio._backends._trio"]
+    else:
+        modules.append("anyio._backends._asyncio")
+        if settings.backend_options.get("use_uvloop"):
+            modules.append("uvloop")
+    # A missing module is skipped by the forkserver itself.
+    current: list[str] = getattr(forkserver._forkserver, "_preload_modules", None) or ["__main__"]
+    wanted = list(dict.fromkeys([*current, *modules]))
+    if wanted != current:
+        forkserver.set_forkserver_preload(wanted)
 
 
 def _encode_for_child(
