@@ -1,0 +1,423 @@
+"""The parent's end of a worker process: one *link* thread per worker owns the pipe.
+
+The link sends calls, cancellations and the stop, and settles the futures from what
+comes back. It waits on the pipe, a wake-up socket and the process's sentinel at once,
+so a child that dies is noticed at once: only the calls it held fail, and the work not
+yet sent to it waits for its replacement.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pickle
+import selectors
+import signal
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from contextlib import suppress
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, cast
+
+from ._exceptions import BrokenPortalPool, safe_repr
+from ._future import TaskFuture
+from ._pickling import decode_outcome, encode_call
+from ._process_child import child_main
+from ._supervision import RestartPolicy
+
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
+    from multiprocessing.process import BaseProcess
+
+    from anyio.from_thread import BlockingPortal
+
+    from ._host import LoopSettings
+    from ._worker import Worker
+
+logger = logging.getLogger("portal_pool")
+
+# How long a child that has closed its pipe gets to exit before it is killed.
+_EXIT_GRACE = 5.0
+
+
+def _child_config(worker: Worker[Any], settings: LoopSettings) -> bytes:
+    """What a child needs to make its worker, pickled once per worker."""
+    config = {
+        "index": worker.index,
+        "backend": settings.backend,
+        "backend_options": settings.backend_options,
+        "context_factory": settings.context_factory,
+        "thread_name_prefix": settings.thread_name_prefix,
+        "stall_timeout": settings.stall_timeout,
+    }
+    try:
+        # dict(**config), when the child unpickles and calls it.
+        return encode_call(dict, (), config)
+    except TypeError as exc:
+        raise TypeError(f"the pool's settings cannot be sent to a worker process: {exc}") from exc
+
+
+class _RemoteCall:
+    """A sent call's canceller: its id, for the link to send a cancellation."""
+
+    __slots__ = ("_link", "id")
+
+    def __init__(self, link: ProcessLoop, call_id: int) -> None:
+        self._link = link
+        self.id = call_id
+
+    def cancel(self) -> None:
+        self._link._cancel_remote(self.id)
+
+
+class ProcessLoop:
+    """One worker's loop in a child process: the parent's end, run by the link thread."""
+
+    def __init__(self, worker: Worker[Any], settings: LoopSettings, context: BaseContext) -> None:
+        self._worker = worker
+        self._index = worker.index
+        self._context = context
+        self._config = _child_config(worker, settings)
+        self._max_concurrency = settings.max_concurrency
+        self._link = threading.Thread(
+            target=self._supervise, name=f"{settings.thread_name_prefix}-{self._index}"
+        )
+        self._process: BaseProcess | None = None
+        self._pid: int | None = None
+        # Woken by submitters (wake), cancellations and stops: the link waits on this
+        # socket together with the pipe and the process sentinel.
+        self._wake_receiver, self._wake_sender = socket.socketpair()
+        self._wake_receiver.setblocking(False)
+        self._wake_sender.setblocking(False)
+        self._ids = itertools.count()
+        # The link's own state. Work taken from the inbox and not yet sent (bounded by
+        # max_concurrency), and the sent calls not yet settled, by id.
+        self._waiting: deque[TaskFuture[Any]] = deque()
+        self._in_flight: dict[int, TaskFuture[Any]] = {}
+        # Written by any thread, read by the link: appends and one-word stores.
+        self._cancels: deque[int] = deque()
+        self._stop_request: bool | None = None
+        self._stop_sent: bool | None = None
+        self._child_restarts = 0  # restarts of the current child's own loop
+        self._closed = False  # the wake-up socket, under the worker's lock
+
+    # -- the worker's side ----------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        if self._pid is None:
+            raise RuntimeError(f"worker {self._index}'s process has not started")
+        return self._pid
+
+    @property
+    def portal(self) -> BlockingPortal:
+        raise RuntimeError(self._lives_in_child("portal"))
+
+    @property
+    def context(self) -> Any:
+        raise RuntimeError(self._lives_in_child("context"))
+
+    def _lives_in_child(self, what: str) -> str:
+        return (
+            f"worker {self._index}'s {what} lives in its process (pid {self._pid}), not in "
+            f"this one; read current_worker().{what} inside a task instead"
+        )
+
+    def wake(self) -> None:
+        # Called with the worker's lock held, as the link closes the socket under it:
+        # a wake-up never lands on a closed socket, or on a reused file descriptor.
+        if not self._closed:
+            # Full: a byte is already waiting, so the link wakes anyway.
+            with suppress(BlockingIOError):
+                self._wake_sender.send(b"\0")
+
+    def start(self) -> None:
+        self._link.start()
+
+    def cancel(self, future: TaskFuture[Any]) -> None:
+        canceller = future._canceller
+        if canceller is not None:
+            canceller.cancel()
+
+    def stop(self, cancel: bool) -> None:
+        # Only ever moves forward, as the worker's own request does.
+        self._stop_request = cancel or bool(self._stop_request)
+        with self._worker._lock:
+            self.wake()
+
+    def started(self) -> bool:
+        return self._link.ident is not None
+
+    def is_alive(self) -> bool:
+        return self._link.is_alive()
+
+    def join(self) -> None:
+        self._link.join()
+
+    def terminate(self) -> None:
+        process = self._process
+        if process is not None:
+            with suppress(Exception):
+                process.kill()
+
+    def check_heartbeat(self, now: float, stall_timeout: float) -> None:
+        pass  # the child runs its own watchdog, and its reports reach the parent's log
+
+    def after_fork_in_child(self) -> list[TaskFuture[Any]]:
+        held = [*self._waiting, *self._in_flight.values()]
+        self._waiting.clear()
+        self._in_flight.clear()
+        self._process = None
+        return held
+
+    def _cancel_remote(self, call_id: int) -> None:
+        self._cancels.append(call_id)
+        with self._worker._lock:
+            self.wake()
+
+    # -- the link thread ------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        worker = self._worker
+        try:
+            policy = RestartPolicy()
+            while True:
+                failure, accepted = self._run_one_child()
+                if failure is None or self._stop_request is not None:
+                    break
+                if not accepted and not policy.restarted:
+                    break  # a failed start, which PortalPool(...) reports
+                why = policy.gives_up(accepted)
+                if why is None:
+                    worker._restarts += 1
+                    logger.warning(
+                        "worker %d's process %s; starting another (restart %d)",
+                        self._index,
+                        failure,
+                        worker._restarts,
+                    )
+                    continue
+                logger.error(
+                    "worker %d's process %s, and its replacement %s; the worker is "
+                    "broken: work sent to it fails with BrokenPortalPool",
+                    self._index,
+                    failure,
+                    why,
+                )
+                break
+        finally:
+            with worker._lock:
+                worker._closed = True
+                worker._waker = None
+                self._closed = True
+                self._wake_receiver.close()
+                self._wake_sender.close()
+            worker._fail_queued(BrokenPortalPool(f"worker {self._index}'s process has ended"))
+            worker._exited.set_result(None)
+
+    def _run_one_child(self) -> tuple[str | None, bool]:
+        """Run one child to its end; return why it failed (``None``: it was stopped)
+        and whether it started serving."""
+        worker = self._worker
+        receiver, sender = self._context.Pipe(duplex=True)
+        # The context's Process class: typeshed gives BaseContext none.
+        make_process = cast("Callable[..., BaseProcess]", self._context.Process)  # type: ignore[attr-defined]
+        process = make_process(
+            target=child_main,
+            args=(sender, self._config),
+            name=f"{self._link.name}-process",
+        )
+        try:
+            process.start()
+        except BaseException as exc:
+            receiver.close()
+            sender.close()
+            if not worker._ready.done():
+                worker._ready.set_exception(exc)
+            return f"could not start: {safe_repr(exc)}", False
+        sender.close()  # the child's end: only the child holds it now
+        self._process = process
+        self._pid = process.pid
+        self._stop_sent = None
+        self._child_restarts = 0
+        link = _ChildLink(self, receiver, process)
+        died = True
+        try:
+            died = link.serve()
+        finally:
+            receiver.close()
+            process.join(_EXIT_GRACE)
+            if process.exitcode is None:  # it closed its pipe, yet goes on
+                process.kill()
+                process.join()
+            self._child_ended(link.accepted)
+        if died:
+            return _how_it_ended(process.exitcode), link.accepted
+        return (None if link.accepted else "could not start its loop"), link.accepted
+
+    def _child_ended(self, accepted: bool) -> None:
+        """Whatever the child held and did not settle fails; what it never got waits."""
+        worker = self._worker
+        process = self._process
+        assert process is not None
+        with worker._lock:
+            worker._waker = None
+            worker._inbox.extendleft(reversed(self._waiting))
+            worker._wake_pending = True
+        self._waiting.clear()
+        self._cancels.clear()
+        in_flight, self._in_flight = self._in_flight, {}
+        worker._active = 0
+        worker._restarts += self._child_restarts
+        self._child_restarts = 0
+        if in_flight:
+            broken = BrokenPortalPool(
+                f"worker {self._index}'s process (pid {process.pid}) "
+                f"{_how_it_ended(process.exitcode)} while it ran this call"
+            )
+            for future in in_flight.values():
+                future._settle_broken(broken)
+        self._process = None
+
+
+class _ChildLink:
+    """One child's pipe, from the parent's side: the link thread's loop for that child."""
+
+    def __init__(self, loop: ProcessLoop, connection: Connection, process: BaseProcess) -> None:
+        self._loop = loop
+        self._worker = loop._worker
+        self._connection = connection
+        self._process = process
+        self.accepted = False
+        self._said_bye = False
+
+    def serve(self) -> bool:
+        """Serve the child until it says goodbye (``False``) or dies (``True``)."""
+        loop = self._loop
+        # One selector for the child's life: multiprocessing.connection.wait() would
+        # build and fill a new one on every wake-up, twice per round trip.
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._connection, selectors.EVENT_READ)
+            selector.register(loop._wake_receiver, selectors.EVENT_READ)
+            selector.register(self._process.sentinel, selectors.EVENT_READ)
+            return self._serve(selector)
+
+    def _serve(self, selector: selectors.BaseSelector) -> bool:
+        loop = self._loop
+        sentinel = self._process.sentinel
+        while True:
+            ready = {key.fd for key, _ in selector.select()}
+            if loop._wake_receiver.fileno() in ready:
+                with suppress(BlockingIOError):
+                    loop._wake_receiver.recv(4096)
+            try:
+                # Everything the child sent, before a death that the sentinel shows.
+                if self._connection.fileno() in ready or sentinel in ready:
+                    while self._connection.poll():
+                        self._receive(pickle.loads(self._connection.recv_bytes()))
+                if self._said_bye:
+                    return False
+                if sentinel in ready:
+                    raise EOFError
+                if self.accepted:
+                    self._send_pending()
+                elif loop._stop_request is not None:
+                    self._send_stop()  # stopped while starting
+            except (EOFError, OSError):
+                return True
+
+    def _receive(self, events: list[tuple[Any, ...]]) -> None:
+        loop, worker = self._loop, self._worker
+        for event in events:
+            kind = event[0]
+            if kind == "done":
+                future = loop._in_flight.pop(event[1], None)
+                if future is not None:
+                    if event[2] is None:
+                        future._settle_cancelled()
+                    else:
+                        future._settle(*decode_outcome(event[2]))
+            elif kind == "status":
+                loop._child_restarts, worker._stalls, worker._loop_lag = event[1:]
+            elif kind == "log":
+                logger.log(event[1], "%s", event[2])
+            elif kind == "ready":
+                self.accepted = True
+                with worker._lock:
+                    worker._waker = loop
+                    worker._wake_pending = False
+                if not worker._ready.done():
+                    worker._ready.set_result(None)
+            elif kind == "failed":
+                _, exc = decode_outcome(event[1])
+                if not worker._ready.done():
+                    worker._ready.set_exception(exc)  # type: ignore[arg-type]
+            elif kind == "bye":
+                self._said_bye = True
+        worker._active = len(loop._in_flight)
+
+    def _send_pending(self) -> None:
+        loop, worker = self._loop, self._worker
+        stop = loop._stop_request  # read before the inbox: work before it is all there
+        loop._waiting.extend(worker._take_inbox())
+        if stop:
+            for future in loop._waiting:  # never sent, so cancelled here
+                future.cancel()
+        calls = self._take_calls()
+        messages: list[tuple[str, Any]] = []
+        if calls:
+            messages.append(("calls", calls))
+        if loop._cancels:
+            cancels: list[int] = []
+            with suppress(IndexError):
+                while True:
+                    cancels.append(loop._cancels.popleft())
+            messages.append(("cancel", cancels))
+        for message in messages:
+            self._connection.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+        if stop is not None and (stop or not loop._waiting):
+            self._send_stop()
+
+    def _take_calls(self) -> list[tuple[int, bytes]]:
+        """Turn waiting work into sent calls, as far as ``max_concurrency`` allows."""
+        loop, worker = self._loop, self._worker
+        limit = loop._max_concurrency
+        waiting, in_flight = loop._waiting, loop._in_flight
+        calls: list[tuple[int, bytes]] = []
+        while waiting and (limit is None or len(in_flight) < limit):
+            future = waiting.popleft()
+            if worker._cancelled_by_stop(future):
+                continue
+            call_id = next(loop._ids)
+            # Before RUNNING: a cancel() that sees RUNNING finds the id to send.
+            future._canceller = _RemoteCall(loop, call_id)
+            call = future._begin()
+            if call is None:
+                future._canceller = None
+                continue
+            in_flight[call_id] = future
+            calls.append((call_id, call[1][0]))
+        worker._active = len(in_flight)
+        return calls
+
+    def _send_stop(self) -> None:
+        loop = self._loop
+        stop = loop._stop_request
+        if stop is None or loop._stop_sent is stop or loop._stop_sent is True:
+            return
+        loop._stop_sent = stop
+        self._connection.send_bytes(pickle.dumps(("stop", stop)))
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "closed its pipe"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name}"
+    return f"exited with code {exitcode}"
