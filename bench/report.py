@@ -894,12 +894,16 @@ def render_failures(
         "marker file when they start and another in their `finally`. SIGKILL: once the tasks "
         "run (`ProcessPoolExecutor` runs one per worker, the rest wait), the child running "
         f"the most of them is killed; the futures get {KILL_SETTLE:g} s to settle, then a "
-        f"new no-op gets {NEW_WORK_TIMEOUT:g} s. Ctrl-C: SIGINT to the process group, as a "
+        f"new no-op gets {NEW_WORK_TIMEOUT:g} s (on PortalPool it is submitted to the killed "
+        "child's worker, so it runs on the replacement child). *Exactly its tasks*: the "
+        "futures that failed are those of the tasks that had started in the killed child. "
+        "Ctrl-C: SIGINT to the process group, as a "
         "terminal sends it, with the pool in a `with` block (aiomultiprocess: `async with` "
         f"under `asyncio.run`); the parent gets {INTERRUPT_EXIT:g} s to exit, the children "
         f"{INTERRUPT_GRACE:g} s more; a `finally` is *interrupted* if it ran before the "
         f"sleep's end. Unpicklable: `submit(noop, threading.Lock())`, {UNPICKLABLE_WAIT:g} s "
-        "for an outcome. aiomultiprocess is driven from a thread that runs its loop: "
+        "for an outcome; *names the argument* if the error says which one (`args[0]`). "
+        "aiomultiprocess is driven from a thread that runs its loop: "
         "`submit` is `run_coroutine_threadsafe(pool.apply(...))`, and `cancel()` cancels "
         "that future.",
         *_skipped_note(figures, labels),
