@@ -1,4 +1,4 @@
-"""Sessions: tests per backend and Python, uvloop, lint, typecheck, bench."""
+"""Sessions: tests per Python, backend and host, lint, typecheck, bench, docs, ..."""
 
 from __future__ import annotations
 
@@ -19,13 +19,22 @@ AVAILABLE = [version for version in PYTHONS if shutil.which(f"python{version}")]
 TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"]
 
 
+BACKENDS = ["asyncio", "uvloop", "trio"]
+HOSTS = ["thread", "process"]
+
+
 @nox.session(python=AVAILABLE)
-@nox.parametrize("backend", ["asyncio", "uvloop", "trio"])
-def tests(session: nox.Session, backend: str) -> None:
-    """Run the suite on one backend. The asyncio session installs no trio at all."""
+@nox.parametrize(
+    ["backend", "host"],
+    [(backend, host) for backend in BACKENDS for host in HOSTS],
+    ids=[f"{backend}-{host}" for backend in BACKENDS for host in HOSTS],
+)
+def tests(session: nox.Session, backend: str, host: str) -> None:
+    """The suite on one backend and host (pytest --backend B --host H)."""
+    # The asyncio sessions install no trio at all.
     extras = {"asyncio": "", "uvloop": "[uvloop]", "trio": "[trio]"}[backend]
     session.install(f".{extras}", *TEST_DEPS)
-    session.run("pytest", "--backend", backend, *session.posargs)
+    session.run("pytest", "--backend", backend, "--host", host, *session.posargs)
 
 
 @nox.session

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from .processes import ProcessContender
 
 #: a cell still running after this long is recorded as hung, and killed
@@ -53,6 +55,8 @@ INTERRUPT_EXIT = 8.0
 #: how long after the parent exits its children get to run their ``finally`` blocks
 INTERRUPT_GRACE = 0.5
 UNPICKLABLE_WAIT = 5.0
+#: characters of the unpicklable cell's error message shown in the table
+UNPICKLABLE_SHOWN = 80
 CANCEL_SLEEP = 2.0
 READY_TIMEOUT = 8.0
 
@@ -89,21 +93,22 @@ def _capacity(entrant: ProcessContender, tasks: int) -> int:
     return tasks if entrant.runs_coroutines else min(tasks, WORKERS)
 
 
-def _error(exc: BaseException) -> str:
+def _error(exc: BaseException, limit: int = 60) -> str:
     lines = str(exc).strip().splitlines()
     message = lines[0] if lines else ""
-    if len(message) > 60:
-        message = message[:57] + "..."
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def _new_work(entrant: ProcessContender, pool: Any) -> str:
-    """Does the pool still take and run a no-op?"""
+def _new_work(entrant: ProcessContender, submit: Callable[..., Future[Any]]) -> str:
+    """Does ``submit`` (the pool's, or one PortalPool worker's) still take and run a
+    no-op?"""
     from concurrent.futures import TimeoutError as FutureTimeout
 
     start = time.perf_counter()
     try:
-        future = pool.submit(entrant.noop)
+        future = submit(entrant.noop)
     except Exception as exc:
         return f"submit raises {_error(exc)}"
     try:
@@ -143,12 +148,26 @@ def cell_sigkill(entrant: ProcessContender, directory: str) -> dict[str, Any]:
         _emit(alone)
         pool.shutdown()
         return alone
+    # The tasks the killed child was running, by index (``start-t<index>-<pid>``).
+    in_victim = sorted(
+        int(name.split("-")[1][1:])
+        for name in _names(directory, "start-")
+        if name.endswith(f"-{victim}")
+    )
+    from .processes import PortalPoolBench
+
+    # On PortalPool, the new work goes to the killed child's worker: to its new child.
+    portal_pool = pool.pool if isinstance(pool, PortalPoolBench) else None
+    worker = None
+    if portal_pool is not None:
+        worker = next(w for w in portal_pool.workers if w.pid == victim)
     killed_at = time.perf_counter()
     os.kill(victim, signal.SIGKILL)
     wait(futures, timeout=KILL_SETTLE)
     failed = [i for i, f in enumerate(futures) if f.done() and f.exception() is not None]
     succeeded = [i for i, f in enumerate(futures) if f.done() and f.exception() is None]
     errors = sorted({type(futures[i].exception()).__name__ for i in failed})
+    messages = sorted({str(futures[i].exception()).strip() for i in failed})
     after = [settled_at[i] - killed_at for i in failed]
     figures: dict[str, Any] = {
         "tasks": KILL_TASKS,
@@ -157,23 +176,45 @@ def cell_sigkill(entrant: ProcessContender, directory: str) -> dict[str, Any]:
         "failed": len(failed),
         "succeeded": len(succeeded),
         "unsettled": KILL_TASKS - len(failed) - len(succeeded),
+        #: the failed futures are exactly those of the tasks the killed child ran
+        "failed_are_killed_childs": failed == in_victim,
         "errors": errors,
+        "messages": messages,
+        "names_sigkill": bool(messages) and all("SIGKILL" in m for m in messages),
         "first_failure_s": min(after) if after else None,
         "last_failure_s": max(after) if after else None,
-        "new_work": _new_work(entrant, pool),
+        "new_work": _new_work(entrant, pool.submit if worker is None else worker.submit),
     }
+    if portal_pool is not None and worker is not None:
+        figures["new_work_on"] = f"worker {worker.index}"
+        with contextlib.suppress(RuntimeError):  # no child running
+            figures["replacement_pid"] = worker.pid
+        figures["restarts"] = portal_pool.stats().restarts
     parts = [f"killed child ran {running[victim]}: {len(failed)}/{KILL_TASKS} fail"]
+    if failed and failed == in_victim and len(failed) < KILL_TASKS:
+        parts[0] += " (exactly its tasks)"
     if after:
-        parts[0] += f" within {max(after):.3f} s ({', '.join(errors)})"
+        named = ", names SIGKILL" if figures["names_sigkill"] else ""
+        parts[0] += f" within {max(after):.3f} s ({', '.join(errors)}{named})"
     if succeeded:
         parts.append(f"{len(succeeded)} succeed")
     if figures["unsettled"]:
         parts.append(f"**{figures['unsettled']} never settle** (>{KILL_SETTLE:g} s)")
-    parts.append(f"new work: {figures['new_work']}")
+    where = " on that worker (its new child)" if worker is not None else ""
+    parts.append(f"new work{where}: {figures['new_work']}")
     figures["text"] = "; ".join(parts)
     _emit(figures)
     pool.shutdown()
     return figures
+
+
+def _names_argument(message: str) -> bool:
+    """Whether an error message says which argument was at fault: ``args[0]`` (the
+    process host's spelling), or the words "argument 0" / "arg 0"."""
+    lowered = message.lower()
+    return "args[0]" in lowered or any(
+        f"{word} 0" in lowered or f"{word} #0" in lowered for word in ("argument", "arg")
+    )
 
 
 def cell_unpicklable(entrant: ProcessContender, directory: str) -> dict[str, Any]:
@@ -185,10 +226,12 @@ def cell_unpicklable(entrant: ProcessContender, directory: str) -> dict[str, Any
     pool.run(entrant.noop)
     start = time.perf_counter()
     figures: dict[str, Any]
+    raised: BaseException | None = None
     try:
         future = pool.submit(entrant.noop, threading.Lock())
     except Exception as exc:
-        figures = {"outcome": "submit raises", "message": _error(exc)}
+        raised = exc
+        figures = {"outcome": "submit raises", "message": _error(exc, UNPICKLABLE_SHOWN)}
         figures["text"] = f"`submit` raises at once: {figures['message']}"
     else:
         try:
@@ -197,14 +240,15 @@ def cell_unpicklable(entrant: ProcessContender, directory: str) -> dict[str, Any
             figures = {"outcome": "hangs", "message": None}
             figures["text"] = f"**hangs**: no outcome in {UNPICKLABLE_WAIT:g} s"
         except Exception as exc:
+            raised = exc
             seconds = time.perf_counter() - start
-            figures = {"outcome": "future fails", "message": _error(exc), "after_s": seconds}
+            message = _error(exc, UNPICKLABLE_SHOWN)
+            figures = {"outcome": "future fails", "message": message, "after_s": seconds}
             figures["text"] = f"the future fails after {seconds:.3f} s: {figures['message']}"
         else:
             figures = {"outcome": "runs", "message": None}
             figures["text"] = "runs (the argument was not pickled)"
-    message = (figures["message"] or "").lower()
-    figures["names_argument"] = "argument" in message or "arg " in message
+    figures["names_argument"] = raised is not None and _names_argument(str(raised))
     figures["text"] += " (names the argument)" if figures["names_argument"] else ""
     _emit(figures)
     pool.shutdown()

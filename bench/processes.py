@@ -185,6 +185,8 @@ class AmpPool:
 
 
 ALL_FIGURES = frozenset({"start", "submit", "map", "latency", "cpu"})
+#: the process host's contenders also get the peak-RSS figure of a long bounded map
+PROCESS_HOST_FIGURES = ALL_FIGURES | {"rss"}
 
 
 @dataclass(frozen=True)
@@ -264,10 +266,20 @@ PROCESS_CONTENDERS: tuple[ProcessContender, ...] = (
         measures=frozenset({"cpu"}),
     ),
     ProcessContender(
-        "process_asyncio", "PortalPool process asyncio", "portal_pool", "asyncio", PROCESS_HOST
+        "process_asyncio",
+        "PortalPool process asyncio",
+        "portal_pool",
+        "asyncio",
+        PROCESS_HOST,
+        measures=PROCESS_HOST_FIGURES,
     ),
     ProcessContender(
-        "process_trio", "PortalPool process trio", "portal_pool", "trio", PROCESS_HOST
+        "process_trio",
+        "PortalPool process trio",
+        "portal_pool",
+        "trio",
+        PROCESS_HOST,
+        measures=PROCESS_HOST_FIGURES,
     ),
     ProcessContender("threads", "PortalPool threads asyncio", "portal_pool", "asyncio"),
 )
@@ -472,11 +484,40 @@ def measure_cpu(entrant: ProcessContender, counts: Counts, iterations: int) -> F
     }
 
 
+def measure_rss(entrant: ProcessContender, counts: Counts) -> Figures:
+    """Peak RSS growth of the parent (and of each child) over a ``map`` of
+    ``counts.rss_items`` no-ops with ``buffersize=counts.rss_buffersize``, in a fresh
+    interpreter (``bench/rss_probe.py``), so nothing else this run did counts toward it."""
+    command = [
+        sys.executable,
+        "-m",
+        "bench.rss_probe",
+        entrant.backend,
+        "{}",
+        str(counts.rss_items),
+        str(counts.rss_buffersize),
+        str(entrant.host.get("host", "thread")),
+    ]
+    done = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"rss probe failed ({done.returncode}): {done.stderr.strip()}")
+    probe: Figures = json.loads(done.stdout)
+    return {f"rss_{name}": value for name, value in probe.items()}
+
+
 def _progress(entrant: ProcessContender, figures: Figures) -> None:
     shown = ", ".join(
         f"{key}={value:,.3f}" if isinstance(value, float) else f"{key}={value}"
         for key, value in figures.items()
-        if not key.endswith("samples_s") and not key.startswith("cpu_samples")
+        if not isinstance(value, list)  # the samples, each child's RSS
     )
     print(f"  processes {entrant.label:<36} {shown}", file=sys.stderr, flush=True)
 
@@ -523,6 +564,7 @@ def measure(counts: Counts) -> dict[str, Figures]:
         ("start", measure_start),
         ("submit", measure_submit),
         ("map", measure_map),
+        ("rss", measure_rss),
     ]
     for name, step in steps:
         for entrant in which(name):

@@ -280,7 +280,7 @@ def _vs(case: str, key: str, field: str, other: str) -> Measure:
     )
 
 
-def process_targets() -> list[Target]:
+def process_targets(counts: Counts) -> list[Target]:
     """The process host's targets, for each of its backends, from the processes case."""
     rows: list[Target] = []
     case = "processes"
@@ -366,13 +366,23 @@ def process_targets() -> list[Target]:
                 TIMES,
                 "start_error",
             ),
+            Target(
+                f"{counts.rss_items:,}-item bounded map: the parent's peak RSS growth",
+                case,
+                key,
+                _figure(case, key, "rss_growth_mib"),
+                False,
+                32.0,
+                " MiB",
+                "rss_error",
+            ),
         ]
     return rows
 
 
 def check_targets(results: Results, counts: Counts) -> list[dict[str, Any]]:
     """Every target whose case ran in this run."""
-    checked = (target.check(results) for target in [*targets(counts), *process_targets()])
+    checked = (target.check(results) for target in [*targets(counts), *process_targets(counts)])
     return [row for row in checked if row is not None]
 
 
@@ -748,6 +758,8 @@ def _process_cell(
         if mine.get("cpu_loadavg_1m") is not None:
             notes.append(f"load {mine['cpu_loadavg_1m']:.2f}")
         cell += f" [{', '.join(notes)}]"
+    if field == "rss_children_peak_mib" and mine.get("rss_children_max_growth_mib") is not None:
+        cell += f" [+{mine['rss_children_max_growth_mib']:,.1f}]"
     return cell
 
 
@@ -786,6 +798,19 @@ def render_processes(
             "cpu",
         ),
         ("2 workers from nothing to their first results⁷, s", "start_s", "s", "start"),
+        (
+            f"{counts.rss_items:,}-item `map(buffersize={counts.rss_buffersize})`⁸: "
+            "the parent's peak RSS growth, MiB",
+            "rss_growth_mib",
+            "MiB",
+            "rss",
+        ),
+        (
+            "the same map⁸: the children's peak RSS [largest growth], MiB",
+            "rss_children_peak_mib",
+            "MiB",
+            "rss",
+        ),
     ]
     lines += [
         "| figure | " + " | ".join(entrant.label for entrant in columns) + " |",
@@ -822,7 +847,12 @@ def render_processes(
         "⁷ A fresh interpreter per "
         "sample, timed from the constructor to the results of one no-op per worker, so a "
         "forkserver or manager started on first use is inside it; best of "
-        f"{counts.repeats}. Throughput: best of {counts.repeats} on one warmed-up pool.",
+        f"{counts.repeats}. ⁸ The process host only: a fresh interpreter per backend "
+        "(`bench/rss_probe.py`) iterates `pool.map(noop, range(N), buffersize=...)` without "
+        "keeping the results; the figure is the parent's VmHWM after minus before. The "
+        "children's row is the larger of the two children's VmHWM after the map (read from "
+        "/proc of `pool.workers[i].pid`), and in brackets the larger growth over the map. "
+        f"Throughput: best of {counts.repeats} on one warmed-up pool.",
         *_skipped_note(figures, labels),
     ]
     return "\n".join(lines)
@@ -864,12 +894,16 @@ def render_failures(
         "marker file when they start and another in their `finally`. SIGKILL: once the tasks "
         "run (`ProcessPoolExecutor` runs one per worker, the rest wait), the child running "
         f"the most of them is killed; the futures get {KILL_SETTLE:g} s to settle, then a "
-        f"new no-op gets {NEW_WORK_TIMEOUT:g} s. Ctrl-C: SIGINT to the process group, as a "
+        f"new no-op gets {NEW_WORK_TIMEOUT:g} s (on PortalPool it is submitted to the killed "
+        "child's worker, so it runs on the replacement child). *Exactly its tasks*: the "
+        "futures that failed are those of the tasks that had started in the killed child. "
+        "Ctrl-C: SIGINT to the process group, as a "
         "terminal sends it, with the pool in a `with` block (aiomultiprocess: `async with` "
         f"under `asyncio.run`); the parent gets {INTERRUPT_EXIT:g} s to exit, the children "
         f"{INTERRUPT_GRACE:g} s more; a `finally` is *interrupted* if it ran before the "
         f"sleep's end. Unpicklable: `submit(noop, threading.Lock())`, {UNPICKLABLE_WAIT:g} s "
-        "for an outcome. aiomultiprocess is driven from a thread that runs its loop: "
+        "for an outcome; *names the argument* if the error says which one (`args[0]`). "
+        "aiomultiprocess is driven from a thread that runs its loop: "
         "`submit` is `run_coroutine_threadsafe(pool.apply(...))`, and `cancel()` cancels "
         "that future.",
         *_skipped_note(figures, labels),
