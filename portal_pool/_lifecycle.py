@@ -163,6 +163,9 @@ def _end_process(interrupt: BaseException, workers: Iterable[Worker[Any]]) -> No
         print(
             f"{type(interrupt).__name__}: portal_pool {what} at interpreter exit", file=sys.stderr
         )
+    for worker in workers:
+        with suppress(Exception):
+            worker._host_loop.terminate()  # a worker process ends now, not when orphaned
     if not stuck:
         # Nothing of the pool's can hold them up any more: the atexit handlers run, as
         # they would after an uncaught exception.
