@@ -429,17 +429,23 @@ def test_a_replacement_that_cannot_start_leaves_the_worker_broken(
         ] == []
         # The other worker serves on.
         assert other.run(getpid) == other.pid
-    messages = [
-        (record.levelno, record.getMessage())
-        for record in caplog.records
-        if record.name == "portal_pool"
+    records = [record for record in caplog.records if record.name == "portal_pool"]
+    assert [(record.levelno, record.getMessage()) for record in records] == [
+        (
+            logging.WARNING,
+            "worker 0's process was killed by SIGKILL; starting another (restart 1)",
+        ),
+        (
+            logging.ERROR,
+            "worker 0's process failed and its replacement could not start; the worker "
+            "is broken: work sent to it fails with BrokenPortalPool",
+        ),
     ]
-    assert messages[0] == (
-        logging.WARNING,
-        "worker 0's process was killed by SIGKILL; starting another (restart 1)",
-    )
-    assert messages[-1][0] == logging.ERROR
-    assert "the worker is broken" in messages[-1][1]
+    # Why the replacement could not start, as the thread host logs it.
+    assert records[1].exc_info is not None
+    cause = records[1].exc_info[1]
+    assert isinstance(cause, ConnectionError)
+    assert str(cause) == "worker 0 cannot reconnect"
 
 
 # -- 3. a parent that dies --------------------------------------------------------------
