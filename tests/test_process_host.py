@@ -122,6 +122,16 @@ def running(pid: int) -> bool:
     return process_state(pid) not in (None, "Z", "X")
 
 
+def kill_if_worker(pid: int) -> None:
+    """SIGKILL ``pid`` if it still runs a multiprocessing child (not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if running(pid) and b"multiprocessing" in cmdline.read():
+                os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+
+
 def wait_gone(pids: list[int], seconds: float) -> float:
     """Wait until none of ``pids`` runs; return how long that took. On a timeout, kill
     what is left (so later tests are not disturbed) and fail."""
@@ -131,7 +141,7 @@ def wait_gone(pids: list[int], seconds: float) -> float:
         if time.monotonic() > deadline:
             left = [pid for pid in pids if running(pid)]
             for pid in left:
-                os.kill(pid, signal.SIGKILL)
+                kill_if_worker(pid)
             pytest.fail(f"processes still running after {seconds} s: {left}")
         time.sleep(0.005)
     return time.monotonic() - started
@@ -216,11 +226,11 @@ class Script:
         return self.process.stderr.read()
 
     def close(self) -> None:
+        # The workers first: while one runs, it holds the pipes that communicate() reads.
         self.process.kill()
+        for pid in self.worker_pids:
+            kill_if_worker(pid)
         self.process.communicate()
-        left = [pid for pid in self.worker_pids if running(pid)]
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
