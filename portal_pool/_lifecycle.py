@@ -156,13 +156,16 @@ def _end_process(interrupt: BaseException, workers: Iterable[Worker[Any]]) -> No
     """End the process after an interrupt at interpreter exit, as if it were uncaught."""
     stuck = sum(worker._host_loop.is_alive() for worker in workers)
     if stuck:
-        what = f"stopped waiting for {stuck} worker thread{'s' if stuck > 1 else ''}"
+        what = f"stopped waiting for {stuck} worker{'s' if stuck > 1 else ''}"
     else:
         what = "cancelled the work still running"
     with suppress(Exception):  # stderr may be closed
         print(
             f"{type(interrupt).__name__}: portal_pool {what} at interpreter exit", file=sys.stderr
         )
+    for worker in workers:
+        with suppress(Exception):
+            worker._host_loop.terminate()  # a worker process ends now, not when orphaned
     if not stuck:
         # Nothing of the pool's can hold them up any more: the atexit handlers run, as
         # they would after an uncaught exception.

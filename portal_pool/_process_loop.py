@@ -101,6 +101,7 @@ class ProcessLoop:
         self._stop_request: bool | None = None
         self._stop_sent: bool | None = None
         self._child_restarts = 0  # restarts of the current child's own loop
+        self._start_failure: BaseException | None = None  # a replacement's, to log
         self._closed = False  # the wake-up socket, under the worker's lock
 
     # -- the worker's side ----------------------------------------------------------------
@@ -200,11 +201,11 @@ class ProcessLoop:
                     )
                     continue
                 logger.error(
-                    "worker %d's process %s, and its replacement %s; the worker is "
-                    "broken: work sent to it fails with BrokenPortalPool",
+                    "worker %d's process %s; the worker is broken: work sent to it fails "
+                    "with BrokenPortalPool",
                     self._index,
-                    failure,
-                    why,
+                    f"{failure}, and {why}" if accepted else why,
+                    exc_info=self._start_failure,
                 )
                 break
         finally:
@@ -354,6 +355,8 @@ class _ChildLink:
                 _, exc = decode_outcome(event[1])
                 if not worker._ready.done():
                     worker._ready.set_exception(exc)  # type: ignore[arg-type]
+                else:
+                    loop._start_failure = exc  # type: ignore[assignment]
             elif kind == "bye":
                 self._said_bye = True
         worker._active = len(loop._in_flight)
