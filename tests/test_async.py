@@ -11,6 +11,8 @@ import pytest
 
 from portal_pool import PortalPool
 
+HOSTS = ("thread", "process")
+
 MakePool = Callable[..., PortalPool[Any]]
 
 pytestmark = pytest.mark.anyio

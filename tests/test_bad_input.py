@@ -18,6 +18,8 @@ import pytest
 
 from portal_pool import BrokenPortalPool, PortalPool
 
+HOSTS = ("thread", "process")
+
 MakePool = Callable[..., PortalPool[Any]]
 
 
