@@ -357,7 +357,8 @@ def test_unpicklable_map_raises_at_the_call_or_at_the_next_that_submits_it(
 @pytest.mark.hosts("process")
 def test_unpicklable_chunked_map_raises_at_the_call(module_pool: PortalPool[Any]) -> None:
     # A chunk is one call of the backend's chunk runner, whose arguments are the
-    # callable and the chunk: the message names those, not the item (see the report).
+    # callable and the chunk: today the message names those (args[0], args[1]), not the
+    # callable or the item as map(chunksize=1) does.
     lock = threading.Lock()
     with pytest.raises(TypeError, match=r"^cannot send args\[\d\] to a worker process") as info:
         module_pool.map(describe, [1, lock], chunksize=2)
