@@ -2,7 +2,9 @@
 checks.
 
 A test module opts in to the process host with ``HOSTS = ("thread", "process")``; the
-others run on the thread host only. ``--host`` narrows the choice, as ``--backend`` does.
+others run on the thread host only. ``--host`` narrows the choice, as ``--backend`` does,
+and a test about one host's own machinery says which with ``@pytest.mark.hosts(...)``.
+``module_pool`` is a pool that a module's tests share, per backend and host.
 """
 
 from __future__ import annotations
