@@ -21,6 +21,7 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
+from ._future import TaskFuture
 from ._host import LoopSettings
 from ._pickling import decode_call, encode_outcome, run_encoded
 from ._thread_host import ThreadHost, ThreadLoop
@@ -87,13 +88,18 @@ def _read(connection: Connection, worker: Worker[Any], outbox: _Outbox) -> None:
             return
         if kind == "calls":
             for call_id, blob in payload:
-                try:
-                    future = worker.submit(run_encoded, blob)
-                except BaseException as exc:  # the worker is broken: say so, per call
-                    outbox.put(("done", call_id, encode_outcome(False, exc)))
-                    continue
+                # Reported when its task has exited, not when its future is done: a
+                # cancelled future is done at once, while the task's clean-up still
+                # runs, and the parent's run_async, shutdown, stats and credit window
+                # wait for that clean-up.
+                future: TaskFuture[Any] = TaskFuture(worker, run_encoded, (blob,), {})
+                future._on_task_exit = partial(_report_done, outbox, futures, call_id, future)
                 futures[call_id] = future
-                future.add_done_callback(partial(_report_done, outbox, futures, call_id))
+                try:
+                    worker._enqueue(future)
+                except BaseException as exc:  # the worker is broken: say so, per call
+                    del futures[call_id]
+                    outbox.put(("done", call_id, encode_outcome(False, exc)))
         elif kind == "cancel":
             for call_id in payload:
                 running = futures.get(call_id)

@@ -2,7 +2,9 @@
 checks.
 
 A test module opts in to the process host with ``HOSTS = ("thread", "process")``; the
-others run on the thread host only. ``--host`` narrows the choice, as ``--backend`` does.
+others run on the thread host only. ``--host`` narrows the choice, as ``--backend`` does,
+and a test about one host's own machinery says which with ``@pytest.mark.hosts(...)``.
+``module_pool`` is a pool that a module's tests share, per backend and host.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,24 +55,42 @@ def _selected(config: pytest.Config) -> list[str]:
     return [name for name in chosen if _installed(POOL_BACKENDS[name][2])]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "hosts(*names): run the test on these hosts only, of its module's HOSTS (for a "
+        "test about one host's own machinery, such as the thread host's portal)",
+    )
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "pool_backend" in metafunc.fixturenames:
-        metafunc.parametrize("pool_backend", _selected(metafunc.config))
+        # Module-scoped, so that a module-scoped fixture (module_pool) can depend on it.
+        metafunc.parametrize("pool_backend", _selected(metafunc.config), scope="module")
     if "pool_host" in metafunc.fixturenames:
         chosen = metafunc.config.getoption("--host") or HOSTS
         hosts = [host for host in getattr(metafunc.module, "HOSTS", ("thread",)) if host in chosen]
-        metafunc.parametrize("pool_host", hosts)
+        marker = metafunc.definition.get_closest_marker("hosts")
+        if marker is not None:  # a test about one host's own machinery
+            hosts = [host for host in hosts if host in marker.args]
+        metafunc.parametrize("pool_host", hosts, scope="module")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Honour ``--backend`` for the unittest classes built per backend (they have no
-    fixtures to parametrize; see test_stdlib_executor.py)."""
+    fixtures to parametrize; see test_stdlib_executor.py), and drop a test whose
+    ``hosts`` marker leaves it no host that ``--host`` selected."""
     selected = _selected(config)
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
         backend = getattr(getattr(item, "cls", None), "pool_backend", None)
-        (keep if backend is None or backend in selected else dropped).append(item)
+        hosts = item.get_closest_marker("hosts")
+        callspec = getattr(item, "callspec", None)
+        wanted = backend is None or backend in selected
+        if hosts is not None and callspec is not None:
+            wanted = wanted and callspec.params.get("pool_host") in hosts.args
+        (keep if wanted else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
@@ -135,6 +156,30 @@ def make_pool(backend_kwargs: dict[str, Any]) -> Iterator[Callable[..., PortalPo
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.fixture(scope="module")
+def _module_pool(pool_backend: str, pool_host: str) -> Iterator[PortalPool[Any]]:
+    backend, options, _ = POOL_BACKENDS[pool_backend]
+    pool: PortalPool[Any] = PortalPool(2, backend=backend, backend_options=options, host=pool_host)
+    yield pool
+    pool.shutdown(wait=True, cancel_futures=True)
+    alive = [worker.index for worker in pool.workers if worker._host_loop.is_alive()]
+    assert not alive, f"workers {alive} of the module's pool outlived its shutdown"
+
+
+@pytest.fixture
+def module_pool(_module_pool: PortalPool[Any]) -> Iterator[PortalPool[Any]]:
+    """A two-worker pool that a module's tests share, per backend and host: for a test
+    that needs no pool of its own (starting a worker process costs ~0.1-0.2 s).
+
+    A test must leave it idle (nothing running or queued), as it found it: checked here.
+    """
+    yield _module_pool
+    deadline = time.monotonic() + 10
+    while (pending := _module_pool.stats().pending) and time.monotonic() < deadline:
+        time.sleep(0.005)  # a cancelled task's clean-up may still be ending
+    assert pending == 0, f"the test left {pending} task(s) unfinished in the module's pool"
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     """Fail any test that leaves a thread running after it ends."""
@@ -155,10 +200,14 @@ def no_leaked_threads() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def no_leaked_worker_processes() -> Iterator[None]:
-    """Fail any test that leaves a worker process alive after it ends."""
+    """Fail any test that leaves a worker process alive after it ends (those of a pool
+    that outlives the test, such as ``module_pool``, existed before it)."""
+    before = set(multiprocessing.active_children())
     yield
     leaked = [
-        child for child in multiprocessing.active_children() if child.name.startswith("portal_pool")
+        child
+        for child in multiprocessing.active_children()
+        if child.name.startswith("portal_pool") and child not in before
     ]
     for child in leaked:
         child.join(timeout=5)  # a clean exit in progress gets a bounded grace period

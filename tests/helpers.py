@@ -11,16 +11,21 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+import anyio
+
 
 @contextmanager
-def loop_held(submit: Callable[[Callable[[], None]], Future[Any]]) -> Iterator[Future[Any]]:
+def loop_held(
+    submit: Callable[[Callable[[], None]], Future[Any]], shared: Any = threading
+) -> Iterator[Future[Any]]:
     """Hold a worker's loop with a sync call until the block exits; work queues behind it.
 
     ``submit`` is a worker's (or a one-worker pool's) ``submit``. Yields the holding
     call's future once that call is running; leaving the block lets it return ``None``.
+    On the process host, pass the ``shared`` fixture: its events reach the worker.
     """
-    running = threading.Event()
-    release = threading.Event()
+    running = shared.Event()
+    release = shared.Event()
 
     def hold() -> None:  # a sync callable: nothing else runs on that loop meanwhile
         running.set()
@@ -32,6 +37,17 @@ def loop_held(submit: Callable[[Callable[[], None]], Future[Any]]) -> Iterator[F
         yield holder
     finally:
         release.set()
+
+
+async def event_set(event: Any, timeout: float = 10) -> None:
+    """Wait in a task, without blocking its loop or starting a thread, for ``event``
+    (a ``threading.Event`` or a ``shared`` one) to be set.
+
+    :raises TimeoutError: if it is not set within ``timeout`` seconds
+    """
+    with anyio.fail_after(timeout):
+        while not event.is_set():
+            await anyio.sleep(0.002)
 
 
 class CountingSource:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import re
 import subprocess
 import sys
 import threading
@@ -18,7 +19,15 @@ import pytest
 
 from portal_pool import BrokenPortalPool, PortalPool
 
-MakePool = Callable[..., PortalPool[Any]]
+from .helpers import event_set
+
+HOSTS = ("thread", "process")
+
+
+def counts(pool: PortalPool[Any]) -> tuple[int, ...]:
+    """What a call that is refused must not change."""
+    stats = pool.stats()
+    return stats.completed, stats.failed, stats.cancelled, stats.pending
 
 
 @pytest.mark.parametrize("workers", [0, -1])
@@ -40,16 +49,16 @@ def test_unknown_backend_option_names_the_valid_ones(backend: str) -> None:
         PortalPool(1, backend=backend, backend_options={"use_uvlop": True})
 
 
-def test_not_callable_is_rejected_by_submit(make_pool: MakePool) -> None:
-    pool = make_pool(1)
+def test_not_callable_is_rejected_by_submit(module_pool: PortalPool[Any]) -> None:
+    pool = module_pool
     with pytest.raises(TypeError, match="expected a callable"):
         pool.submit(42)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="expected a callable"):
         pool.map(42, [1])  # type: ignore[arg-type]
 
 
-def test_coroutine_object_is_rejected_and_closed(make_pool: MakePool) -> None:
-    pool = make_pool(1)
+def test_coroutine_object_is_rejected_and_closed(module_pool: PortalPool[Any]) -> None:
+    pool = module_pool
     kept = pool.submit(anyio.sleep, 0)
 
     async def fetch(url: str) -> str:
@@ -64,8 +73,8 @@ def test_coroutine_object_is_rejected_and_closed(make_pool: MakePool) -> None:
     assert kept.result(timeout=10) is None  # earlier work is unaffected
 
 
-def test_a_running_coroutine_is_rejected_and_left_alone(make_pool: MakePool) -> None:
-    pool = make_pool(1)
+def test_a_running_coroutine_is_rejected_and_left_alone(module_pool: PortalPool[Any]) -> None:
+    pool = module_pool
     errors: list[BaseException] = []
 
     async def submits_itself() -> None:
@@ -103,9 +112,10 @@ AGEN_ERROR = r"is an async generator function.*coroutine function that iterates 
 
 
 @pytest.mark.parametrize("fn", ASYNC_GENERATOR_FUNCTIONS.values(), ids=ASYNC_GENERATOR_FUNCTIONS)
-def test_async_generator_function_is_rejected(make_pool: MakePool, fn: Any) -> None:
-    pool = make_pool(1)
+def test_async_generator_function_is_rejected(module_pool: PortalPool[Any], fn: Any) -> None:
+    pool = module_pool
     worker = pool.workers[0]
+    before = counts(pool)
     calls: list[Callable[[], object]] = [
         lambda: pool.submit(fn),
         lambda: pool.run(fn),
@@ -120,41 +130,45 @@ def test_async_generator_function_is_rejected(make_pool: MakePool, fn: Any) -> N
     for call in calls:
         with pytest.raises(TypeError, match=AGEN_ERROR):
             call()
-    assert pool.stats().completed == pool.stats().pending == 0  # nothing was queued
+    assert counts(pool) == before  # nothing was queued
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("fn", ASYNC_GENERATOR_FUNCTIONS.values(), ids=ASYNC_GENERATOR_FUNCTIONS)
 async def test_async_generator_function_is_rejected_by_run_async(
-    make_pool: MakePool, fn: Any
+    module_pool: PortalPool[Any], fn: Any
 ) -> None:
-    pool = make_pool(1)
+    pool = module_pool
+    before = counts(pool)
     with pytest.raises(TypeError, match=AGEN_ERROR):
         await pool.run_async(fn)
     with pytest.raises(TypeError, match=AGEN_ERROR):
         await pool.workers[0].run_async(fn)
-    assert pool.stats().completed == pool.stats().pending == 0
+    assert counts(pool) == before
 
 
-def test_async_generator_object_is_rejected(make_pool: MakePool) -> None:
-    pool = make_pool(1)
+def test_async_generator_object_is_rejected(module_pool: PortalPool[Any]) -> None:
+    pool = module_pool
+    before = counts(pool)
     generator = numbers(3)
     with pytest.raises(TypeError, match=r"async generator object.*async for x in numbers"):
         pool.submit(generator)  # type: ignore[call-overload]
-    assert pool.stats().completed == pool.stats().pending == 0
+    assert counts(pool) == before
 
 
 def test_worker_context_failure_breaks_the_pool_and_leaves_no_thread(
-    backend_kwargs: dict[str, Any],
+    backend_kwargs: dict[str, Any], shared: Any
 ) -> None:
-    entered: list[int] = []
-    exited: list[int] = []
+    entered: list[int] = shared.list()
+    exited: list[int] = shared.list()
+    lock = shared.Lock()
 
     @asynccontextmanager
     async def flaky() -> AsyncIterator[None]:
-        if entered:
-            raise ConnectionError("database unreachable")
-        entered.append(1)
+        with lock:  # one worker enters; the others, in parallel, fail
+            if entered:
+                raise ConnectionError("database unreachable")
+            entered.append(1)
         try:
             yield
         finally:
@@ -165,7 +179,7 @@ def test_worker_context_failure_breaks_the_pool_and_leaves_no_thread(
         PortalPool(3, worker_context=flaky, **backend_kwargs)
     assert isinstance(info.value.__cause__, ConnectionError)
     assert set(threading.enumerate()) <= before
-    assert entered == exited == [1]  # the worker that did start was unwound
+    assert list(entered) == list(exited) == [1]  # the worker that did start was unwound
 
 
 class Abort(BaseException):
@@ -251,9 +265,144 @@ def test_missing_backend_package_message() -> None:
     assert "pip install 'portal_pool[uvloop]'" in output
 
 
-def test_run_async_without_an_event_loop_is_explained(make_pool: MakePool) -> None:
-    pool = make_pool(1)
+def test_run_async_without_an_event_loop_is_explained(module_pool: PortalPool[Any]) -> None:
+    pool = module_pool
     # A coroutine driven by hand from sync code has no event loop behind it.
     coroutine = pool.run_async(anyio.sleep, 0)
     with pytest.raises(RuntimeError, match="call run\\(\\) or submit\\(\\) instead"):
         coroutine.send(None)
+
+
+# -- what cannot be sent to a worker process ---------------------------------------------
+
+
+def describe(*args: Any, **kwargs: Any) -> str:
+    return f"{len(args)} {sorted(kwargs)}"
+
+
+def unsendable(what: str, of_type: str) -> str:
+    """The whole message of the TypeError that ``submit`` raises on the process host."""
+    return re.escape(
+        f"cannot send {what} to a worker process: {of_type} cannot be pickled (cannot pickle "
+        "'_thread.lock' object); pass data that can be pickled, or create the object inside "
+        "the task"
+    )
+
+
+def test_unpicklable_call_raises_from_submit_and_loses_nothing(
+    module_pool: PortalPool[Any], shared: Any, pool_host: str
+) -> None:
+    pool = module_pool
+    lock = threading.Lock()
+
+    def holds_lock() -> bool:  # a closure over a lock: by value, it can't be pickled
+        return lock.locked()
+
+    # Work already submitted, running and queued on both workers: none of it is lost.
+    release = shared.Event()
+
+    async def held(n: int) -> int:
+        await event_set(release)
+        return n
+
+    earlier = [pool.submit(held, n) for n in range(6)]
+    calls: list[tuple[str, str, Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = [
+        ("the callable", "a function object", holds_lock, (), {}),
+        ("args[1]", "a _thread.lock object", describe, (1, lock), {}),
+        ("kwargs['timeout']", "a _thread.lock object", describe, (1,), {"timeout": lock}),
+    ]
+    worker = pool.workers[1]
+    for what, of_type, fn, args, kwargs in calls:
+        for submit in (pool.submit, worker.submit):
+            if pool_host == "thread":  # nothing is pickled: the same call runs
+                assert submit(fn, *args, **kwargs).result(timeout=10) is not None
+                continue
+            with pytest.raises(TypeError, match=f"^{unsendable(what, of_type)}$") as info:
+                submit(fn, *args, **kwargs)
+            # The pickling error itself, as the cause.
+            assert isinstance(info.value.__cause__, TypeError)
+            assert "cannot pickle '_thread.lock' object" in str(info.value.__cause__)
+        if pool_host == "process":  # run() raises it at once too, before any wait
+            for run in (pool.run, worker.run):
+                with pytest.raises(TypeError, match=f"^{unsendable(what, of_type)}$"):
+                    run(fn, *args, **kwargs)
+    assert not any(future.done() for future in earlier)
+    release.set()
+    assert [future.result(timeout=10) for future in earlier] == list(range(6))
+    assert pool.run(describe, 1, x=2) == "1 ['x']"
+
+
+@pytest.mark.hosts("process")
+def test_unpicklable_map_raises_at_the_call_or_at_the_next_that_submits_it(
+    module_pool: PortalPool[Any],
+) -> None:
+    pool = module_pool
+    lock = threading.Lock()
+    item = unsendable("args[0]", "a _thread.lock object")
+    earlier = pool.submit(describe, 1)
+    # The first window is submitted by the call itself: that is where it raises.
+    with pytest.raises(TypeError, match=unsendable("the callable", "a function object")):
+        pool.map(lambda x: lock, [1])
+    for map_method in (pool.map, pool.map_unordered):
+        with pytest.raises(TypeError, match=item):
+            map_method(describe, [1, lock])
+    # Beyond a bounded window, from the next() that submits it.
+    results = pool.map(describe, [1, 2, lock, 4], buffersize=1)
+    assert next(results) == "1 []"
+    with pytest.raises(TypeError, match=item):
+        next(results)
+    assert earlier.result(timeout=10) == "1 []"
+
+
+@pytest.mark.hosts("process")
+def test_unpicklable_chunked_map_raises_at_the_call(module_pool: PortalPool[Any]) -> None:
+    # A chunk is one call of the backend's chunk runner, whose arguments are the
+    # callable and the chunk: today the message names those (args[0], args[1]), not the
+    # callable or the item as map(chunksize=1) does.
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match=r"^cannot send args\[\d\] to a worker process") as info:
+        module_pool.map(describe, [1, lock], chunksize=2)
+    assert "cannot pickle '_thread.lock' object" in str(info.value.__cause__)
+
+
+@pytest.mark.anyio
+async def test_unpicklable_call_from_async_callers(
+    module_pool: PortalPool[Any], pool_host: str
+) -> None:
+    pool = module_pool
+    lock = threading.Lock()
+    if pool_host == "thread":  # nothing is pickled: the same call runs
+        assert await pool.run_async(describe, lock) == "1 []"
+        return
+    with pytest.raises(TypeError, match=unsendable("args[0]", "a _thread.lock object")):
+        await pool.run_async(describe, lock)
+    with pytest.raises(TypeError, match=unsendable("kwargs['k']", "a _thread.lock object")):
+        await pool.workers[1].run_async(describe, k=lock)
+    # An async iterator submits nothing before it is iterated: it raises there.
+    for map_method in (pool.map_async, pool.map_unordered_async):
+        results = map_method(describe, [1, lock])
+        with pytest.raises(TypeError, match=unsendable("args[0]", "a _thread.lock object")):
+            async for _ in results:
+                pass
+    assert await pool.run_async(describe, 1) == "1 []"
+
+
+def number_of_workers(pool: PortalPool[Any]) -> int:
+    return len(pool.workers)
+
+
+def test_a_pool_cannot_be_sent_to_a_worker(module_pool: PortalPool[Any], pool_host: str) -> None:
+    pool = module_pool
+    if pool_host == "thread":  # the task gets the pool itself
+        assert pool.submit(number_of_workers, pool).result(timeout=10) == 2
+        return
+    with pytest.raises(TypeError, match="a PortalPool cannot be sent to a worker") as info:
+        pool.submit(number_of_workers, pool)
+    assert str(info.value).startswith(
+        "cannot send args[0] to a worker process: a portal_pool._pool.PortalPool object"
+    )
+    # Nor in a closure: a task that would use the pool from inside a worker.
+    with pytest.raises(TypeError, match="a PortalPool cannot be sent to a worker"):
+        pool.submit(lambda: pool.stats())
+    with pytest.raises(TypeError, match="a Worker cannot be sent to a worker process"):
+        pool.submit(describe, pool.workers[0])
