@@ -13,6 +13,7 @@ import multiprocessing
 from multiprocessing import forkserver
 from typing import TYPE_CHECKING, Any
 
+from ._chunks import run_chunk_asyncio, run_chunk_trio
 from ._pickling import encode_call, run_encoded
 from ._process_loop import ProcessLoop
 
@@ -98,4 +99,22 @@ def _encode_for_child(
     fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[Any, tuple[bytes], dict[str, Any]]:
     # The call the child runs: run_encoded(blob), which unpickles and makes the call.
-    return run_encoded, (encode_call(fn, args, kwargs),), {}
+    try:
+        return run_encoded, (encode_call(fn, args, kwargs),), {}
+    except TypeError:
+        if fn in (run_chunk_asyncio, run_chunk_trio):
+            _name_the_unsendable_item(*args)
+        raise
+
+
+def _name_the_unsendable_item(fn: Any, chunk: tuple[tuple[Any, ...], ...]) -> None:
+    """A map chunk cannot be pickled: raise what naming the callable or the item says.
+
+    Without this, the error would name the chunk as a whole (``args[1]``, a tuple).
+    """
+    encode_call(fn, (), {})  # raises, naming "the callable", if that is what fails
+    for position, item in enumerate(chunk):
+        try:
+            encode_call(fn, item, {})
+        except TypeError as exc:
+            raise TypeError(f"item {position} of a map chunk: {exc}") from exc.__cause__

@@ -356,13 +356,23 @@ def test_unpicklable_map_raises_at_the_call_or_at_the_next_that_submits_it(
 
 @pytest.mark.hosts("process")
 def test_unpicklable_chunked_map_raises_at_the_call(module_pool: PortalPool[Any]) -> None:
-    # A chunk is one call of the backend's chunk runner, whose arguments are the
-    # callable and the chunk: today the message names those (args[0], args[1]), not the
-    # callable or the item as map(chunksize=1) does.
+    # A chunk is one call of the backend's chunk runner: the message still names the
+    # item (by its place in the chunk and its argument) or the callable, as
+    # map(chunksize=1) does, not the chunk as a whole.
     lock = threading.Lock()
-    with pytest.raises(TypeError, match=r"^cannot send args\[\d\] to a worker process") as info:
+    item = "item 1 of a map chunk: " + unsendable("args[0]", "a _thread.lock object")
+    with pytest.raises(TypeError, match=f"^{item}$") as info:
         module_pool.map(describe, [1, lock], chunksize=2)
     assert "cannot pickle '_thread.lock' object" in str(info.value.__cause__)
+    second = "item 1 of a map chunk: " + unsendable("args[1]", "a _thread.lock object")
+    with pytest.raises(TypeError, match=f"^{second}$"):
+        module_pool.map(describe, [1, 2], [3, lock], chunksize=2)
+
+    def holds_a_lock(x: int, held: Any = lock) -> int:
+        return x
+
+    with pytest.raises(TypeError, match=r"^cannot send the callable to a worker process"):
+        module_pool.map(holds_a_lock, [1, 2], chunksize=2)
 
 
 @pytest.mark.anyio
