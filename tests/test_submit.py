@@ -136,6 +136,23 @@ async def raise_key_error() -> None:
     raise KeyError("missing")
 
 
+def append_one(items: list[int]) -> list[int]:
+    items.append(1)
+    return items
+
+
+def test_arguments_and_results_are_the_callers_own_only_on_the_thread_host(
+    module_pool: PortalPool[Any], pool_host: str
+) -> None:
+    mine: list[int] = []
+    returned = module_pool.run(append_one, mine)
+    assert returned == [1]
+    if pool_host == "thread":  # the very objects, shared
+        assert returned is mine and mine == [1]
+    else:  # copies both ways: the task changed its own
+        assert returned is not mine and mine == []
+
+
 def test_results_and_exceptions_keep_their_types(module_pool: PortalPool[Any]) -> None:
     pool = module_pool
 
