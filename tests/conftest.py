@@ -2,7 +2,8 @@
 checks.
 
 A test module opts in to the process host with ``HOSTS = ("thread", "process")``; the
-others run on the thread host only. ``--host`` narrows the choice, as ``--backend`` does.
+others run on the thread host only. ``--host`` narrows the choice, as ``--backend`` does,
+and so does ``@pytest.mark.hosts("thread")`` on a test that is about one host only.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "pool_host" in metafunc.fixturenames:
         chosen = metafunc.config.getoption("--host") or HOSTS
         hosts = [host for host in getattr(metafunc.module, "HOSTS", ("thread",)) if host in chosen]
+        marker = metafunc.definition.get_closest_marker("hosts")
+        if marker is not None:
+            hosts = [host for host in hosts if host in marker.args]
         metafunc.parametrize("pool_host", hosts)
 
 
@@ -135,6 +139,41 @@ def make_pool(backend_kwargs: dict[str, Any]) -> Iterator[Callable[..., PortalPo
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# The prefix of the kept pools' threads and processes: the leak checks let them outlive a
+# test, as they are meant to.
+KEPT_POOL_PREFIX = "kept-pool"
+
+
+@pytest.fixture(scope="module")
+def _kept_pools() -> Iterator[dict[tuple[Any, ...], PortalPool[Any]]]:
+    pools: dict[tuple[Any, ...], PortalPool[Any]] = {}
+    yield pools
+    for pool in pools.values():
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def kept_pool(
+    backend_kwargs: dict[str, Any], _kept_pools: dict[tuple[Any, ...], PortalPool[Any]]
+) -> Callable[[int], PortalPool[Any]]:
+    """A pool that lasts for the rest of the module, one per backend, host and size.
+
+    For tests that only run work and check its results, not a pool's counters or
+    settings: on the process host, starting a pool per test is what costs the time.
+    A test must leave nothing running on it.
+    """
+
+    def get(max_workers: int = 2) -> PortalPool[Any]:
+        key = (*map(repr, sorted(backend_kwargs.items())), max_workers)
+        pool = _kept_pools.get(key)
+        if pool is None:
+            pool = PortalPool(max_workers, thread_name_prefix=KEPT_POOL_PREFIX, **backend_kwargs)
+            _kept_pools[key] = pool
+        return pool
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     """Fail any test that leaves a thread running after it ends."""
@@ -145,7 +184,7 @@ def no_leaked_threads() -> Iterator[None]:
     leaked = [
         thread
         for thread in threading.enumerate()
-        if thread not in before and not thread.name.startswith("Trio thread")
+        if thread not in before and not thread.name.startswith(("Trio thread", KEPT_POOL_PREFIX))
     ]
     for thread in leaked:
         thread.join(timeout=5)  # a clean exit in progress gets a bounded grace period
@@ -157,6 +196,8 @@ def no_leaked_threads() -> Iterator[None]:
 def no_leaked_worker_processes() -> Iterator[None]:
     """Fail any test that leaves a worker process alive after it ends."""
     yield
+    # Worker processes are named after their pool's thread_name_prefix: those of the
+    # kept pools (see kept_pool) do not match.
     leaked = [
         child for child in multiprocessing.active_children() if child.name.startswith("portal_pool")
     ]
