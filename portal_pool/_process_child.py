@@ -62,7 +62,14 @@ def child_main(connection: Connection, config_blob: bytes) -> None:
     worker._start()
     watchdog = None
     if settings.stall_timeout is not None:
-        watchdog = StallWatchdog([worker], settings.stall_timeout, "portal_pool-watchdog")
+        # After each check, a message: the status that ends it gives the parent the new
+        # loop_lag even while nothing else comes (an idle or a stalled loop).
+        watchdog = StallWatchdog(
+            [worker],
+            settings.stall_timeout,
+            "portal_pool-watchdog",
+            after_check=partial(outbox.put, ("heartbeat",)),
+        )
         watchdog.start()
     try:
         _read(connection, worker, outbox)

@@ -409,6 +409,7 @@ class _ChildLink:
                     worker._ready.set_exception(exc)  # type: ignore[arg-type]
             elif kind == "bye":
                 self._said_bye = True
+            # "heartbeat": the child's watchdog checked; its status follows
         worker._active = len(loop._in_flight)
 
     def _send_pending(self) -> None:

@@ -1,4 +1,8 @@
-"""The stall watchdog: a worker loop blocked by sync code is reported once, with its stack."""
+"""The stall watchdog: a worker loop blocked by sync code is reported once, with its stack.
+
+On the process host the watchdog runs in each worker process, and the parent logs its
+reports on its own ``portal_pool`` logger and counts them in ``stats()``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import anyio
 import pytest
 
 from portal_pool import PortalPool
+
+HOSTS = ("thread", "process")
 
 STALL_TIMEOUT = 0.2
 
@@ -68,9 +74,9 @@ def lag(pool: PortalPool[Any], index: int) -> float:
 class Stall:
     """A sync call that holds a worker's loop until released."""
 
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
+    def __init__(self, shared: Any) -> None:
+        self.entered = shared.Event()
+        self.release = shared.Event()
 
     def block_the_loop_right_here(self) -> str:
         self.entered.set()
@@ -78,9 +84,11 @@ class Stall:
         return "unblocked"
 
 
-def stall_and_release(pool: PortalPool[Any], index: int, log: RecordWarnings, nth: int) -> None:
+def stall_and_release(
+    pool: PortalPool[Any], index: int, log: RecordWarnings, nth: int, shared: Any
+) -> None:
     """Hold worker ``index``'s loop until the ``nth`` warning, then for many more checks."""
-    stall = Stall()
+    stall = Stall(shared)
     future = pool.workers[index].submit(stall.block_the_loop_right_here)
     try:
         assert stall.entered.wait(10)
@@ -97,12 +105,12 @@ def stall_and_release(pool: PortalPool[Any], index: int, log: RecordWarnings, nt
 
 
 def test_a_stall_is_reported_once_with_the_blocking_stack(
-    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings
+    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings, shared: Any
 ) -> None:
     with PortalPool(
         2, stall_timeout=STALL_TIMEOUT, thread_name_prefix="stall", **backend_kwargs
     ) as pool:
-        stall_and_release(pool, 1, warnings_log, nth=1)
+        stall_and_release(pool, 1, warnings_log, nth=1, shared=shared)
         stats = pool.stats()
     assert len(warnings_log.records) == 1
     record = warnings_log.records[0]
@@ -117,12 +125,12 @@ def test_a_stall_is_reported_once_with_the_blocking_stack(
 
 
 def test_a_second_stall_counts_two(
-    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings
+    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings, shared: Any
 ) -> None:
     with PortalPool(1, stall_timeout=STALL_TIMEOUT, **backend_kwargs) as pool:
-        stall_and_release(pool, 0, warnings_log, nth=1)
+        stall_and_release(pool, 0, warnings_log, nth=1, shared=shared)
         assert pool.stats().workers[0].stalls == 1
-        stall_and_release(pool, 0, warnings_log, nth=2)
+        stall_and_release(pool, 0, warnings_log, nth=2, shared=shared)
         stats = pool.stats()
     assert stats.workers[0].stalls == 2
     assert stats.stalls == 2
