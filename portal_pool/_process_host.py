@@ -160,7 +160,10 @@ class ProcessLoop:
         self._cancels: deque[int] = deque()
         self._stop_request: bool | None = None
         self._stop_sent: bool | None = None
-        self._child_restarts = 0  # restarts of the current child's own loop
+        # The current child's own counts (restarts of its loop, stalls), as it last sent
+        # them: the worker's grow by what they add.
+        self._child_restarts = 0
+        self._child_stalls = 0
         self._closed = False  # the wake-up socket, under the worker's lock
 
     # -- the worker's side ----------------------------------------------------------------
@@ -301,7 +304,7 @@ class ProcessLoop:
         self._process = process
         self._pid = process.pid
         self._stop_sent = None
-        self._child_restarts = 0
+        self._child_restarts = self._child_stalls = 0
         link = _ChildLink(self, receiver, process)
         died = True
         try:
@@ -330,8 +333,7 @@ class ProcessLoop:
         self._cancels.clear()
         in_flight, self._in_flight = self._in_flight, {}
         worker._active = 0
-        worker._restarts += self._child_restarts
-        self._child_restarts = 0
+        self._child_restarts = self._child_stalls = 0
         if in_flight:
             broken = BrokenPortalPool(
                 f"worker {self._index}'s process (pid {process.pid}) "
@@ -393,7 +395,11 @@ class _ChildLink:
                     else:
                         future._settle(*decode_outcome(event[2]))
             elif kind == "status":
-                loop._child_restarts, worker._stalls, worker._loop_lag = event[1:]
+                restarts, stalls, worker._loop_lag = event[1:]
+                # Counted as they happen, and kept: a replacement child counts from 0.
+                worker._restarts += restarts - loop._child_restarts
+                worker._stalls += stalls - loop._child_stalls
+                loop._child_restarts, loop._child_stalls = restarts, stalls
             elif kind == "log":
                 logger.log(event[1], "%s", event[2])
             elif kind == "ready":

@@ -7,6 +7,8 @@ reports on its own ``portal_pool`` logger and counts them in ``stats()``.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -227,3 +229,23 @@ async def test_the_watchdog_thread_is_gone_after_async_with(
         assert len(_watchdogs("wd4")) == 1
         assert await pool.run_async(busy, 3) == 3
     assert _watchdogs("wd4") == []
+
+
+@pytest.mark.hosts("process")
+def test_stalls_in_a_worker_process_stay_counted_after_it_is_replaced(
+    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings, shared: Any
+) -> None:
+    with PortalPool(1, stall_timeout=STALL_TIMEOUT, **backend_kwargs) as pool:
+        stall_and_release(pool, 0, warnings_log, nth=1, shared=shared)
+        first = pool.workers[0].pid
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: pool.workers[0].pid != first)  # a replacement started
+        assert pool.workers[0].run(os.getpid) == pool.workers[0].pid
+        # Its own count starts from 0: the pool's goes on from 1.
+        stall_and_release(pool, 0, warnings_log, nth=3, shared=shared)
+        stats = pool.stats()
+    assert (stats.stalls, stats.restarts) == (2, 1)
+    stall, restart, second_stall = warnings_log.messages()
+    assert "block_the_loop_right_here" in stall
+    assert "killed by SIGKILL" in restart
+    assert "block_the_loop_right_here" in second_stall
