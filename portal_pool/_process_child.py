@@ -146,7 +146,9 @@ def _write(connection: Connection, outbox: _Outbox, worker: Worker[Any]) -> None
                 batch.append(("done", call_id, _encoded(future)))
             else:
                 batch.append(event)
-        batch.append(("status", worker._restarts, worker._stalls, worker._loop_lag))
+        # First in the message, read after the events: the parent's counts already
+        # include what the outcomes and log records that follow imply.
+        batch.insert(0, ("status", worker._restarts, worker._stalls, worker._loop_lag))
         if ending:
             batch.append(("bye",))
         try:

@@ -11,6 +11,7 @@ process host's own behaviour has its tests at the end.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import threading
@@ -1065,6 +1066,29 @@ def test_stats_count_running_async_tasks(make_pool: MakePool, shared: Any) -> No
         future.result(timeout=10)
 
 
+class SeeStats(logging.Handler):
+    """Takes a pool's statistics as each record is logged: what they say by then."""
+
+    def __init__(self, pool: PortalPool[Any]) -> None:
+        super().__init__()
+        self._pool = pool
+        self.seen: list[tuple[str, PoolStatistics]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append((record.getMessage(), self._pool.stats()))
+
+
+@contextmanager
+def stats_at_each_record(pool: PortalPool[Any]) -> Iterator[SeeStats]:
+    handler = SeeStats(pool)
+    logger = logging.getLogger("portal_pool")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_stats_count_restarts(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
     pool = make_pool(2)
     worker = pool.workers[1]
@@ -1073,14 +1097,17 @@ def test_stats_count_restarts(make_pool: MakePool, caplog: pytest.LogCaptureFixt
         kill_current_loop()
         await anyio.sleep(3600)
 
-    doomed = worker.submit(killer)
-    # Its future resolves only as the loop dies, so this next task runs on the new loop,
-    # which starts after the restart is counted.
-    wait([doomed], timeout=10)
-    assert doomed.done()
-    assert worker.run(worker_index) == 1
-    stats = pool.stats()
+    with stats_at_each_record(pool) as records:
+        doomed = worker.submit(killer)
+        # Its future resolves only as the loop dies, so this next task runs on the new
+        # loop, which starts after the restart is counted.
+        wait([doomed], timeout=10)
+        assert doomed.done()
+        assert worker.run(worker_index) == 1
+        stats = pool.stats()
     assert stats.restarts == 1
+    # Counted by the time it is logged (from a worker process, too).
+    assert [s.restarts for message, s in records.seen if "restarting" in message] == [1]
     assert [w.restarts for w in stats.workers] == [0, 1]
     assert [w.stalls for w in stats.workers] == [0, 0]
     assert any("restarting" in r.getMessage() for r in caplog.records)

@@ -31,10 +31,15 @@ class RecordWarnings(logging.Handler):
         super().__init__(logging.WARNING)
         self.records: list[logging.LogRecord] = []
         self._arrived = threading.Condition()
+        # Called as each record is logged; what it returns is kept in ``seen``.
+        self.on_emit: Callable[[], Any] | None = None
+        self.seen: list[Any] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         with self._arrived:
             self.records.append(record)
+            if self.on_emit is not None:
+                self.seen.append(self.on_emit())
             self._arrived.notify_all()
 
     def wait_for(self, count: int, timeout: float = 10) -> bool:
@@ -112,8 +117,10 @@ def test_a_stall_is_reported_once_with_the_blocking_stack(
     with PortalPool(
         2, stall_timeout=STALL_TIMEOUT, thread_name_prefix="stall", **backend_kwargs
     ) as pool:
+        warnings_log.on_emit = lambda: pool.stats().stalls
         stall_and_release(pool, 1, warnings_log, nth=1, shared=shared)
         stats = pool.stats()
+    assert warnings_log.seen == [1]  # counted by the time it is logged
     assert len(warnings_log.records) == 1
     record = warnings_log.records[0]
     assert record.levelno == logging.WARNING
