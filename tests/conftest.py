@@ -67,13 +67,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Honour ``--backend`` for the unittest classes built per backend (they have no
-    fixtures to parametrize; see test_stdlib_executor.py)."""
+    fixtures to parametrize; see test_stdlib_executor.py), and ``--host`` for the tests
+    that run on none of the chosen hosts."""
     selected = _selected(config)
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
         backend = getattr(getattr(item, "cls", None), "pool_backend", None)
-        (keep if backend is None or backend in selected else dropped).append(item)
+        # A test whose hosts --host left out has an empty pool_host parameter set: it is
+        # deselected, not reported as skipped.
+        callspec = getattr(item, "callspec", None)
+        no_host = "pool_host" in getattr(item, "fixturenames", ()) and (
+            callspec is None or "pool_host" not in callspec.params
+        )
+        (keep if (backend is None or backend in selected) and not no_host else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
