@@ -62,7 +62,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         marker = metafunc.definition.get_closest_marker("hosts")
         if marker is not None:
             hosts = [host for host in hosts if host in marker.args]
-        metafunc.parametrize("pool_host", hosts)
+        # None: on none of the chosen hosts, and deselected (pytest_collection_modifyitems)
+        metafunc.parametrize("pool_host", hosts or [None])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -74,12 +75,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     dropped: list[pytest.Item] = []
     for item in items:
         backend = getattr(getattr(item, "cls", None), "pool_backend", None)
-        # A test whose hosts --host left out has an empty pool_host parameter set: it is
-        # deselected, not reported as skipped.
+        # A test whose hosts --host left out: deselected, not reported as skipped.
         callspec = getattr(item, "callspec", None)
-        no_host = "pool_host" in getattr(item, "fixturenames", ()) and (
-            callspec is None or "pool_host" not in callspec.params
-        )
+        no_host = callspec is not None and callspec.params.get("pool_host", "") is None
         (keep if (backend is None or backend in selected) and not no_host else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
