@@ -256,3 +256,5 @@ def test_stalls_in_a_worker_process_stay_counted_after_it_is_replaced(
     assert "block_the_loop_right_here" in stall
     assert "killed by SIGKILL" in restart
     assert "block_the_loop_right_here" in second_stall
+    # The message numbers the stall as the process that logged it counts them.
+    assert "(stall 1)" in second_stall
