@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from ._future import TaskFuture
 from ._host import LoopSettings
-from ._pickling import decode_call, encode_outcome, run_encoded
+from ._pickling import decode_call, encode_call, encode_outcome, run_encoded
 from ._thread_host import ThreadHost, ThreadLoop
 from ._tokens import call_soon_or_drop
 from ._watchdog import StallWatchdog
@@ -35,6 +35,26 @@ _ORPHAN_GRACE = 1.5
 # A message up to this size is sent by the loop thread itself: the pipe's buffer holds
 # it, so the send does not block the loop. A bigger one goes to the writer thread.
 _DIRECT_SEND_MAX = 64 * 1024
+
+
+def child_config(index: int, settings: LoopSettings) -> bytes:
+    """What a child needs to make its worker, pickled once per worker (in the parent).
+
+    :raises TypeError: if a setting cannot be pickled, a ``worker_context`` say
+    """
+    config = {
+        "index": index,
+        "backend": settings.backend,
+        "backend_options": settings.backend_options,
+        "context_factory": settings.context_factory,
+        "thread_name_prefix": settings.thread_name_prefix,
+        "stall_timeout": settings.stall_timeout,
+    }
+    try:
+        # dict(**config), when the child unpickles and calls it.
+        return encode_call(dict, (), config)
+    except TypeError as exc:
+        raise TypeError(f"the pool's settings cannot be sent to a worker process: {exc}") from exc
 
 
 def child_main(connection: Connection, config_blob: bytes) -> None:
@@ -63,7 +83,14 @@ def child_main(connection: Connection, config_blob: bytes) -> None:
     worker._start()
     watchdog = None
     if settings.stall_timeout is not None:
-        watchdog = StallWatchdog([worker], settings.stall_timeout, "portal_pool-watchdog")
+        # After each check, a message: the status in it gives the parent the new
+        # loop_lag even while nothing else comes (an idle or a stalled loop).
+        watchdog = StallWatchdog(
+            [worker],
+            settings.stall_timeout,
+            "portal_pool-watchdog",
+            after_check=partial(outbox.put, ("heartbeat",)),
+        )
         watchdog.start()
     try:
         _read(connection, worker, outbox)
@@ -210,7 +237,9 @@ class _Outbox:
             else:
                 batch.append(event)
         worker = self._worker
-        batch.append(("status", worker._restarts, worker._stalls, worker._loop_lag))
+        # First in the message, read after the events: the parent's counts already
+        # include what the outcomes and log records that follow imply.
+        batch.insert(0, ("status", worker._restarts, worker._stalls, worker._loop_lag))
         return pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
 
     def _write_big(self) -> None:

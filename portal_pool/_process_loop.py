@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ._exceptions import BrokenPortalPool, safe_repr
 from ._future import TaskFuture
-from ._pickling import decode_outcome, encode_call
-from ._process_child import child_main
+from ._pickling import decode_outcome
+from ._process_child import child_config, child_main
 from ._supervision import RestartPolicy
 
 if TYPE_CHECKING:
@@ -40,23 +40,6 @@ logger = logging.getLogger("portal_pool")
 
 # How long a child that has closed its pipe gets to exit before it is killed.
 _EXIT_GRACE = 5.0
-
-
-def _child_config(worker: Worker[Any], settings: LoopSettings) -> bytes:
-    """What a child needs to make its worker, pickled once per worker."""
-    config = {
-        "index": worker.index,
-        "backend": settings.backend,
-        "backend_options": settings.backend_options,
-        "context_factory": settings.context_factory,
-        "thread_name_prefix": settings.thread_name_prefix,
-        "stall_timeout": settings.stall_timeout,
-    }
-    try:
-        # dict(**config), when the child unpickles and calls it.
-        return encode_call(dict, (), config)
-    except TypeError as exc:
-        raise TypeError(f"the pool's settings cannot be sent to a worker process: {exc}") from exc
 
 
 class _RemoteCall:
@@ -79,7 +62,7 @@ class ProcessLoop:
         self._worker = worker
         self._index = worker.index
         self._context = context
-        self._config = _child_config(worker, settings)
+        self._config = child_config(worker.index, settings)
         self._max_concurrency = settings.max_concurrency
         self._link = threading.Thread(
             target=self._supervise, name=f"{settings.thread_name_prefix}-{self._index}"
@@ -100,7 +83,10 @@ class ProcessLoop:
         self._cancels: deque[int] = deque()
         self._stop_request: bool | None = None
         self._stop_sent: bool | None = None
-        self._child_restarts = 0  # restarts of the current child's own loop
+        # The current child's own counts (restarts of its loop, stalls), as it last sent
+        # them: the worker's grow by what they add.
+        self._child_restarts = 0
+        self._child_stalls = 0
         self._start_failure: BaseException | None = None  # a replacement's, to log
         self._closed = False  # the wake-up socket, under the worker's lock
 
@@ -242,7 +228,7 @@ class ProcessLoop:
         self._process = process
         self._pid = process.pid
         self._stop_sent = None
-        self._child_restarts = 0
+        self._child_restarts = self._child_stalls = 0
         link = _ChildLink(self, receiver, process)
         died = True
         try:
@@ -271,8 +257,7 @@ class ProcessLoop:
         self._cancels.clear()
         in_flight, self._in_flight = self._in_flight, {}
         worker._active = 0
-        worker._restarts += self._child_restarts
-        self._child_restarts = 0
+        self._child_restarts = self._child_stalls = 0
         if in_flight:
             broken = BrokenPortalPool(
                 f"worker {self._index}'s process (pid {process.pid}) "
@@ -341,7 +326,11 @@ class _ChildLink:
                     else:
                         future._settle(*decode_outcome(event[2]))
             elif kind == "status":
-                loop._child_restarts, worker._stalls, worker._loop_lag = event[1:]
+                restarts, stalls, worker._loop_lag = event[1:]
+                # Counted as they happen, and kept: a replacement child counts from 0.
+                worker._restarts += restarts - loop._child_restarts
+                worker._stalls += stalls - loop._child_stalls
+                loop._child_restarts, loop._child_stalls = restarts, stalls
             elif kind == "log":
                 logger.log(event[1], "%s", event[2])
             elif kind == "ready":

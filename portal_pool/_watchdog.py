@@ -24,8 +24,17 @@ class StallWatchdog:
     answer within ``stall_timeout`` is reported once per stall, with its thread's stack.
     """
 
-    def __init__(self, workers: Sequence[Worker[Any]], stall_timeout: float, name: str) -> None:
+    def __init__(
+        self,
+        workers: Sequence[Worker[Any]],
+        stall_timeout: float,
+        name: str,
+        after_check: Callable[[], object] | None = None,
+    ) -> None:
         self._workers = tuple(workers)
+        # Called after each round of checks (a worker process sends the parent its
+        # loop_lag and stall count then).
+        self._after_check = after_check
         self._stall_timeout = stall_timeout
         # Four checks per timeout: a stall is reported at most a quarter late.
         self._interval = min(stall_timeout / 4, 1.0)
@@ -55,6 +64,8 @@ class StallWatchdog:
                 now = time.monotonic()
                 for worker in self._workers:
                     worker._host_loop.check_heartbeat(now, self._stall_timeout)
+                if self._after_check is not None:
+                    self._after_check()
             else:
                 return
 

@@ -73,7 +73,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         marker = metafunc.definition.get_closest_marker("hosts")
         if marker is not None:  # a test about one host's own machinery
             hosts = [host for host in hosts if host in marker.args]
-        metafunc.parametrize("pool_host", hosts, scope="module")
+        # None: on none of the chosen hosts, and deselected (pytest_collection_modifyitems)
+        metafunc.parametrize("pool_host", hosts or [None], scope="module")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -88,8 +89,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         hosts = item.get_closest_marker("hosts")
         callspec = getattr(item, "callspec", None)
         wanted = backend is None or backend in selected
-        if hosts is not None and callspec is not None:
-            wanted = wanted and callspec.params.get("pool_host") in hosts.args
+        if callspec is not None and "pool_host" in callspec.params:
+            host = callspec.params["pool_host"]
+            wanted = wanted and host is not None and (hosts is None or host in hosts.args)
         (keep if wanted else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
@@ -180,6 +182,41 @@ def module_pool(_module_pool: PortalPool[Any]) -> Iterator[PortalPool[Any]]:
     assert pending == 0, f"the test left {pending} task(s) unfinished in the module's pool"
 
 
+# The prefix of the kept pools' threads and processes: the leak checks let them outlive a
+# test, as they are meant to.
+KEPT_POOL_PREFIX = "kept-pool"
+
+
+@pytest.fixture(scope="module")
+def _kept_pools() -> Iterator[dict[tuple[Any, ...], PortalPool[Any]]]:
+    pools: dict[tuple[Any, ...], PortalPool[Any]] = {}
+    yield pools
+    for pool in pools.values():
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def kept_pool(
+    backend_kwargs: dict[str, Any], _kept_pools: dict[tuple[Any, ...], PortalPool[Any]]
+) -> Callable[[int], PortalPool[Any]]:
+    """A pool that lasts for the rest of the module, one per backend, host and size.
+
+    For tests that only run work and check its results, not a pool's counters or
+    settings: on the process host, starting a pool per test is what costs the time.
+    A test must leave nothing running on it.
+    """
+
+    def get(max_workers: int = 2) -> PortalPool[Any]:
+        key = (*map(repr, sorted(backend_kwargs.items())), max_workers)
+        pool = _kept_pools.get(key)
+        if pool is None:
+            pool = PortalPool(max_workers, thread_name_prefix=KEPT_POOL_PREFIX, **backend_kwargs)
+            _kept_pools[key] = pool
+        return pool
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     """Fail any test that leaves a thread running after it ends."""
@@ -190,7 +227,7 @@ def no_leaked_threads() -> Iterator[None]:
     leaked = [
         thread
         for thread in threading.enumerate()
-        if thread not in before and not thread.name.startswith("Trio thread")
+        if thread not in before and not thread.name.startswith(("Trio thread", KEPT_POOL_PREFIX))
     ]
     for thread in leaked:
         thread.join(timeout=5)  # a clean exit in progress gets a bounded grace period
@@ -204,6 +241,8 @@ def no_leaked_worker_processes() -> Iterator[None]:
     that outlives the test, such as ``module_pool``, existed before it)."""
     before = set(multiprocessing.active_children())
     yield
+    # Worker processes are named after their pool's thread_name_prefix: those of the
+    # kept pools (see kept_pool) do not match.
     leaked = [
         child
         for child in multiprocessing.active_children()

@@ -148,9 +148,11 @@ def test_arguments_and_results_are_the_callers_own_only_on_the_thread_host(
     returned = module_pool.run(append_one, mine)
     assert returned == [1]
     if pool_host == "thread":  # the very objects, shared
-        assert returned is mine and mine == [1]
+        assert returned is mine
+        assert mine == [1]
     else:  # copies both ways: the task changed its own
-        assert returned is not mine and mine == []
+        assert returned is not mine
+        assert mine == []
 
 
 def test_results_and_exceptions_keep_their_types(module_pool: PortalPool[Any]) -> None:

@@ -1,8 +1,14 @@
-"""The stall watchdog: a worker loop blocked by sync code is reported once, with its stack."""
+"""The stall watchdog: a worker loop blocked by sync code is reported once, with its stack.
+
+On the process host the watchdog runs in each worker process, and the parent logs its
+reports on its own ``portal_pool`` logger and counts them in ``stats()``.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +18,8 @@ import anyio
 import pytest
 
 from portal_pool import PortalPool
+
+HOSTS = ("thread", "process")
 
 STALL_TIMEOUT = 0.2
 
@@ -23,10 +31,15 @@ class RecordWarnings(logging.Handler):
         super().__init__(logging.WARNING)
         self.records: list[logging.LogRecord] = []
         self._arrived = threading.Condition()
+        # Called as each record is logged; what it returns is kept in ``seen``.
+        self.on_emit: Callable[[], Any] | None = None
+        self.seen: list[Any] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         with self._arrived:
             self.records.append(record)
+            if self.on_emit is not None:
+                self.seen.append(self.on_emit())
             self._arrived.notify_all()
 
     def wait_for(self, count: int, timeout: float = 10) -> bool:
@@ -68,9 +81,9 @@ def lag(pool: PortalPool[Any], index: int) -> float:
 class Stall:
     """A sync call that holds a worker's loop until released."""
 
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
+    def __init__(self, shared: Any) -> None:
+        self.entered = shared.Event()
+        self.release = shared.Event()
 
     def block_the_loop_right_here(self) -> str:
         self.entered.set()
@@ -78,9 +91,11 @@ class Stall:
         return "unblocked"
 
 
-def stall_and_release(pool: PortalPool[Any], index: int, log: RecordWarnings, nth: int) -> None:
+def stall_and_release(
+    pool: PortalPool[Any], index: int, log: RecordWarnings, nth: int, shared: Any
+) -> None:
     """Hold worker ``index``'s loop until the ``nth`` warning, then for many more checks."""
-    stall = Stall()
+    stall = Stall(shared)
     future = pool.workers[index].submit(stall.block_the_loop_right_here)
     try:
         assert stall.entered.wait(10)
@@ -97,13 +112,15 @@ def stall_and_release(pool: PortalPool[Any], index: int, log: RecordWarnings, nt
 
 
 def test_a_stall_is_reported_once_with_the_blocking_stack(
-    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings
+    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings, shared: Any
 ) -> None:
     with PortalPool(
         2, stall_timeout=STALL_TIMEOUT, thread_name_prefix="stall", **backend_kwargs
     ) as pool:
-        stall_and_release(pool, 1, warnings_log, nth=1)
+        warnings_log.on_emit = lambda: pool.stats().stalls
+        stall_and_release(pool, 1, warnings_log, nth=1, shared=shared)
         stats = pool.stats()
+    assert warnings_log.seen == [1]  # counted by the time it is logged
     assert len(warnings_log.records) == 1
     record = warnings_log.records[0]
     assert record.levelno == logging.WARNING
@@ -117,12 +134,12 @@ def test_a_stall_is_reported_once_with_the_blocking_stack(
 
 
 def test_a_second_stall_counts_two(
-    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings
+    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings, shared: Any
 ) -> None:
     with PortalPool(1, stall_timeout=STALL_TIMEOUT, **backend_kwargs) as pool:
-        stall_and_release(pool, 0, warnings_log, nth=1)
+        stall_and_release(pool, 0, warnings_log, nth=1, shared=shared)
         assert pool.stats().workers[0].stalls == 1
-        stall_and_release(pool, 0, warnings_log, nth=2)
+        stall_and_release(pool, 0, warnings_log, nth=2, shared=shared)
         stats = pool.stats()
     assert stats.workers[0].stalls == 2
     assert stats.stalls == 2
@@ -219,3 +236,25 @@ async def test_the_watchdog_thread_is_gone_after_async_with(
         assert len(_watchdogs("wd4")) == 1
         assert await pool.run_async(busy, 3) == 3
     assert _watchdogs("wd4") == []
+
+
+@pytest.mark.hosts("process")
+def test_stalls_in_a_worker_process_stay_counted_after_it_is_replaced(
+    backend_kwargs: dict[str, Any], warnings_log: RecordWarnings, shared: Any
+) -> None:
+    with PortalPool(1, stall_timeout=STALL_TIMEOUT, **backend_kwargs) as pool:
+        stall_and_release(pool, 0, warnings_log, nth=1, shared=shared)
+        first = pool.workers[0].pid
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: pool.workers[0].pid != first)  # a replacement started
+        assert pool.workers[0].run(os.getpid) == pool.workers[0].pid
+        # Its own count starts from 0: the pool's goes on from 1.
+        stall_and_release(pool, 0, warnings_log, nth=3, shared=shared)
+        stats = pool.stats()
+    assert (stats.stalls, stats.restarts) == (2, 1)
+    stall, restart, second_stall = warnings_log.messages()
+    assert "block_the_loop_right_here" in stall
+    assert "killed by SIGKILL" in restart
+    assert "block_the_loop_right_here" in second_stall
+    # The message numbers the stall as the process that logged it counts them.
+    assert "(stall 1)" in second_stall
