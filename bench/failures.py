@@ -515,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.cell:
+        # As a terminal starts a program: a bench run started in the background (with
+        # '&', nohup, some CI launchers) passes SIGINT on ignored, and the Ctrl-C cell
+        # would then measure nothing.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return _run_in_cell(*args.cell)
     from .processes import PROCESS_CONTENDERS
     from .report import render_failures
