@@ -155,10 +155,17 @@ def no_leaked_threads() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def no_leaked_worker_processes() -> Iterator[None]:
-    """Fail any test that leaves a worker process alive after it ends."""
+    """Fail any test that leaves a worker process alive after it ends.
+
+    Those of a pool shared by several tests (a module-scoped fixture's, started before
+    this check) are not the test's.
+    """
+    before = set(multiprocessing.active_children())
     yield
     leaked = [
-        child for child in multiprocessing.active_children() if child.name.startswith("portal_pool")
+        child
+        for child in multiprocessing.active_children()
+        if child not in before and child.name.startswith("portal_pool")
     ]
     for child in leaked:
         child.join(timeout=5)  # a clean exit in progress gets a bounded grace period
