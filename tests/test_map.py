@@ -42,7 +42,7 @@ def _shared_pools(
     """
     wanted = sorted(
         {
-            (item.callspec.params["pool_backend"], item.callspec.params["pool_host"])
+            (str(item.callspec.params["pool_backend"]), str(item.callspec.params["pool_host"]))
             for item in request.session.items
             if isinstance(item, pytest.Function)
             and item.module is request.module

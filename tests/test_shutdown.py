@@ -268,7 +268,7 @@ def test_blocking_calls_inside_own_loop_raise_thread_host(pool_backend: str) -> 
     """Thread host only: the task uses the pool object itself, which a task in a worker
     process cannot have (see the next test)."""
     backend, options, _ = POOL_BACKENDS[pool_backend]
-    pool = PortalPool(2, backend=backend, backend_options=options, host="thread")
+    pool: PortalPool[Any] = PortalPool(2, backend=backend, backend_options=options, host="thread")
 
     async def misuse() -> list[str]:
         errors = []
