@@ -346,7 +346,7 @@ class Worker(TaskCounts, Generic[C_co]):
         if self._thread_ident == threading.get_ident():
             raise RuntimeError(
                 f"{what} from inside worker {self._index}'s own event loop would "
-                f"deadlock; use 'await pool.run_async(...)' there instead"
+                f"deadlock; await run_async(...) of the pool or the worker there instead"
             )
 
     def _after_fork_in_child(self) -> None:
