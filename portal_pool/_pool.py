@@ -37,6 +37,7 @@ from ._mapping import MapMethods
 from ._scheduler import Loads, RoundRobin, Scheduler, make_scheduler
 from ._signals import wait_in_slices
 from ._statistics import PoolStatistics
+from ._thread_host import ThreadHost
 from ._tokens import wait_for_result, wait_future
 from ._watchdog import StallWatchdog
 from ._worker import Worker, _task_worker
@@ -134,7 +135,8 @@ class PortalPool(MapMethods, Executor, Generic[C]):
         self._loads = Loads(self._workers)
         self._start_workers()
         self._watchdog = None
-        if stall_timeout is not None:
+        # A worker process runs its own watchdog, which reports to this one's log.
+        if stall_timeout is not None and isinstance(self._host, ThreadHost):
             self._watchdog = StallWatchdog(
                 self._workers, stall_timeout, f"{thread_name_prefix}-watchdog"
             )

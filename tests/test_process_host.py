@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
@@ -297,6 +298,16 @@ def test_fork_is_refused_saying_why(context: Any) -> None:
         ValueError, match="cannot use the 'fork' start method: the parent runs threads"
     ):
         ProcessHost(context)
+
+
+def test_the_parent_starts_no_watchdog_thread_for_worker_processes() -> None:
+    # Each worker process watches its own loop and reports to the parent's log (see
+    # test_watchdog.py): a thread here would only wake up for nothing.
+    with PortalPool(1, host="process", stall_timeout=5, thread_name_prefix="nowatch") as pool:
+        assert pool.run(os.getpid) == pool.workers[0].pid
+        names = [thread.name for thread in threading.enumerate()]
+        assert "nowatch-0" in names  # the link thread: the prefix is used here
+        assert "nowatch-watchdog" not in names
 
 
 def test_the_default_start_method_is_forkserver_on_linux() -> None:

@@ -193,6 +193,7 @@ def _watchdogs(prefix: str) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == f"{prefix}-watchdog"]
 
 
+@pytest.mark.hosts("thread")  # a worker process watches its own loop
 def test_the_watchdog_thread_is_gone_after_shutdown(backend_kwargs: dict[str, Any]) -> None:
     pool = PortalPool(1, stall_timeout=STALL_TIMEOUT, thread_name_prefix="wd1", **backend_kwargs)
     assert len(_watchdogs("wd1")) == 1
@@ -200,6 +201,7 @@ def test_the_watchdog_thread_is_gone_after_shutdown(backend_kwargs: dict[str, An
     assert _watchdogs("wd1") == []
 
 
+@pytest.mark.hosts("thread")  # a worker process watches its own loop
 def test_the_watchdog_thread_ends_after_shutdown_without_wait(
     backend_kwargs: dict[str, Any],
 ) -> None:
@@ -211,6 +213,7 @@ def test_the_watchdog_thread_ends_after_shutdown_without_wait(
     pool.shutdown(wait=True)
 
 
+@pytest.mark.hosts("thread")  # a worker process watches its own loop
 def test_the_watchdog_thread_is_gone_after_a_failed_with_block(
     backend_kwargs: dict[str, Any],
 ) -> None:
@@ -226,6 +229,7 @@ def test_the_watchdog_thread_is_gone_after_a_failed_with_block(
     assert _watchdogs("wd3") == []
 
 
+@pytest.mark.hosts("thread")  # a worker process watches its own loop
 @pytest.mark.anyio
 async def test_the_watchdog_thread_is_gone_after_async_with(
     backend_kwargs: dict[str, Any],
