@@ -1,4 +1,5 @@
-"""PortalPool: a ``concurrent.futures.Executor`` over event-loop worker threads."""
+"""PortalPool: a ``concurrent.futures.Executor`` over event-loop workers, in threads or
+child processes."""
 
 from __future__ import annotations
 
@@ -50,19 +51,21 @@ _MASK64 = (1 << 64) - 1
 
 
 class PortalPool(MapMethods, Executor, Generic[C]):
-    """A pool of worker threads, each running one event loop behind an anyio portal.
+    """A pool of workers, each running one event loop behind an anyio portal, in a thread
+    (the default) or in a child process of its own (``host="process"``).
 
     Coroutine functions are awaited in the worker's loop; sync callables run in the loop
     thread and block that loop while they run, so keep them short or hand them to
     ``anyio.to_thread`` inside a coroutine.
 
-    :param max_workers: number of worker threads; ``None`` means one per CPU
+    :param max_workers: number of workers; ``None`` means one per CPU
     :param backend: ``"asyncio"`` or ``"trio"``
     :param backend_options: passed to the backend, e.g. ``{"use_uvloop": True}``
     :param worker_context: zero-argument factory of an async context manager that each
         worker enters in its own loop before accepting work and exits after its last
         task; tasks read the value as ``current_worker().context``
-    :param thread_name_prefix: prefix of the worker thread names
+    :param thread_name_prefix: prefix of the worker threads' names (on the process host,
+        of the threads that link to each worker process)
     :param schedule: ``"round_robin"``, ``"least_loaded"`` or a :class:`Scheduler`
     :param max_concurrency: per-worker cap on running tasks; more work waits in the
         worker without starting
