@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +62,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "hosts(*names): run the test on these hosts only, of its module's HOSTS (for a "
         "test about one host's own machinery, such as the thread host's portal)",
     )
+    # The Ctrl-C tests need a SIGINT that works, in this process (a signal sent to its
+    # main thread) and in the scripts it starts. A run started with SIGINT ignored (in
+    # the background, by some CI launchers) would pass that on: handle it as a program
+    # started from a terminal does.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -13,7 +13,10 @@ from typing import NamedTuple
 import pytest
 
 PRELUDE = """
-import faulthandler, os, sys, anyio
+import faulthandler, os, signal, sys, anyio
+# As a program started from a terminal: a test run started with SIGINT ignored (in the
+# background, by some CI launchers) passes that on, and Ctrl-C would test nothing.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 faulthandler.dump_traceback_later(8, exit=True)  # a hang shows its stacks, then exits
 from portal_pool import PortalPool
 backend, options = sys.argv[1], eval(sys.argv[2])
