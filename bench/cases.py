@@ -298,14 +298,24 @@ def bench_rss(contender: Contender, counts: Counts) -> Figures | None:
     """Peak RSS growth of a bounded ``map`` over many items, in a fresh subprocess."""
     if not contender.is_portal_pool:
         return None
+    return run_rss_probe(
+        contender.backend or "asyncio", contender.backend_options, "thread", counts, timeout=900
+    )
+
+
+def run_rss_probe(
+    backend: str, options: dict[str, Any], host: str, counts: Counts, timeout: float
+) -> Figures:
+    """Run ``bench/rss_probe.py`` in a fresh interpreter and return its figures."""
     command = [
         sys.executable,
         "-m",
         "bench.rss_probe",
-        contender.backend or "asyncio",
-        json.dumps(contender.backend_options),
+        backend,
+        json.dumps(options),
         str(counts.rss_items),
         str(counts.rss_buffersize),
+        host,
     ]
     done = subprocess.run(
         command,
@@ -313,7 +323,7 @@ def bench_rss(contender: Contender, counts: Counts) -> Figures | None:
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
         check=False,
     )
     if done.returncode != 0:

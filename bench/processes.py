@@ -39,6 +39,7 @@ from .cases import (
     best_of,
     latency_figures,
     rotating_round_trips,
+    run_rss_probe,
     subprocess_env,
 )
 
@@ -488,28 +489,8 @@ def measure_rss(entrant: ProcessContender, counts: Counts) -> Figures:
     """Peak RSS growth of the parent (and of each child) over a ``map`` of
     ``counts.rss_items`` no-ops with ``buffersize=counts.rss_buffersize``, in a fresh
     interpreter (``bench/rss_probe.py``), so nothing else this run did counts toward it."""
-    command = [
-        sys.executable,
-        "-m",
-        "bench.rss_probe",
-        entrant.backend,
-        "{}",
-        str(counts.rss_items),
-        str(counts.rss_buffersize),
-        str(entrant.host.get("host", "thread")),
-    ]
-    done = subprocess.run(
-        command,
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"rss probe failed ({done.returncode}): {done.stderr.strip()}")
-    probe: Figures = json.loads(done.stdout)
+    host = str(entrant.host.get("host", "thread"))
+    probe = run_rss_probe(entrant.backend, {}, host, counts, timeout=600)
     return {f"rss_{name}": value for name, value in probe.items()}
 
 
