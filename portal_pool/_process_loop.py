@@ -81,7 +81,6 @@ class ProcessLoop:
         self._in_flight: dict[int, TaskFuture[Any]] = {}
         # Written by any thread, read by the link: appends and one-word stores.
         self._cancels: deque[int] = deque()
-        self._stop_request: bool | None = None
         self._stop_sent: bool | None = None
         # The current child's own counts (restarts of its loop, stalls), as it last sent
         # them: the worker's grow by what they add.
@@ -129,8 +128,7 @@ class ProcessLoop:
             canceller.cancel()
 
     def stop(self, cancel: bool) -> None:
-        # Only ever moves forward, as the worker's own request does.
-        self._stop_request = cancel or bool(self._stop_request)
+        # The worker has recorded the request: the link reads it there.
         with self._worker._lock:
             self.wake()
 
@@ -172,7 +170,7 @@ class ProcessLoop:
             policy = RestartPolicy()
             while True:
                 failure, accepted = self._run_one_child()
-                if failure is None or self._stop_request is not None:
+                if failure is None or worker._stop_request is not None:
                     break
                 if not accepted and not policy.restarted:
                     break  # a failed start, which PortalPool(...) reports
@@ -309,7 +307,7 @@ class _ChildLink:
                     raise EOFError
                 if self.accepted:
                     self._send_pending()
-                elif loop._stop_request is not None:
+                elif self._worker._stop_request is not None:
                     self._send_stop()  # stopped while starting
             except (EOFError, OSError):
                 return True
@@ -352,7 +350,7 @@ class _ChildLink:
 
     def _send_pending(self) -> None:
         loop, worker = self._loop, self._worker
-        stop = loop._stop_request  # read before the inbox: work before it is all there
+        stop = worker._stop_request  # read before the inbox: work before it is all there
         loop._waiting.extend(worker._take_inbox())
         if stop:
             for future in loop._waiting:  # never sent, so cancelled here
@@ -396,7 +394,7 @@ class _ChildLink:
 
     def _send_stop(self) -> None:
         loop = self._loop
-        stop = loop._stop_request
+        stop = self._worker._stop_request
         if stop is None or loop._stop_sent is stop or loop._stop_sent is True:
             return
         loop._stop_sent = stop
