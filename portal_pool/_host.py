@@ -3,7 +3,8 @@
 A :class:`~portal_pool.Worker` is the pool's handle on one event loop: its inbox,
 admission, counters and statistics, and ``submit``/``run``/``run_async``. None of that
 depends on where the loop runs. A *host* decides that: a thread of this process
-(:class:`~portal_pool.ThreadHost`) or a child process (:class:`~portal_pool.ProcessHost`).
+(:class:`~portal_pool.ThreadHost`), a child process (:class:`~portal_pool.ProcessHost`),
+or a Ray actor (:class:`~portal_pool.ray.RayHost`).
 For each worker, the host makes one :class:`HostedLoop`, the small interface below, and
 the loop side calls back on the worker to take its inbox, requeue work, and report that
 it is ready or has exited.
@@ -11,6 +12,7 @@ it is ready or has exited.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -53,6 +55,11 @@ class HostedLoop(Protocol):
     @property
     def pid(self) -> int:
         """The id of the process that runs the loop."""
+        ...
+
+    @property
+    def node(self) -> str | None:
+        """The id of the cluster node that runs the loop, on a host that has nodes."""
         ...
 
     @property
@@ -110,7 +117,11 @@ class Host(Protocol):
 
     @property
     def name(self) -> str:
-        """``"thread"`` or ``"process"``."""
+        """``"thread"``, ``"process"`` or ``"ray"``."""
+        ...
+
+    def _default_max_workers(self) -> int:
+        """How many workers ``PortalPool(max_workers=None)`` means on this host."""
         ...
 
     def _host_worker(self, worker: Any, settings: LoopSettings) -> HostedLoop:
@@ -120,3 +131,9 @@ class Host(Protocol):
     def _call_encoder(self) -> Callable[..., tuple[Any, ...]] | None:
         """How ``submit`` turns a call into what crosses to the loop; ``None``: as it is."""
         ...
+
+
+def cpu_count() -> int:
+    """The CPUs this process may use: the default number of workers on this machine."""
+    count = getattr(os, "process_cpu_count", os.cpu_count)()
+    return count or 1

@@ -11,14 +11,20 @@ from ._thread_host import ThreadHost
 def make_host(host: str | Host) -> Host:
     """The host object for ``host``.
 
-    :raises ValueError: for anything but ``"thread"``, ``"process"`` or a host object
+    :raises ValueError: for anything but ``"thread"``, ``"process"``, ``"ray"`` or a host object
+    :raises ImportError: for ``"ray"`` without Ray installed
     """
     if host == "thread":
         return ThreadHost()
     if host == "process":
         return ProcessHost()
+    if host == "ray":
+        from ._ray_host import RayHost  # its module imports no Ray; RayHost() does
+
+        return RayHost()
     if not isinstance(host, str) and hasattr(host, "_host_worker"):
         return host
     raise ValueError(
-        f"host must be 'thread', 'process', ThreadHost() or ProcessHost(...), got {safe_repr(host)}"
+        "host must be 'thread', 'process', 'ray', ThreadHost(), ProcessHost(...) or "
+        f"RayHost(...), got {safe_repr(host)}"
     )

@@ -3,7 +3,6 @@ child processes."""
 
 from __future__ import annotations
 
-import os
 import sys
 import weakref
 from collections.abc import (
@@ -98,9 +97,7 @@ class PortalPool(MapMethods, Executor, Generic[C]):
         host: str | Host = "thread",
     ) -> None:
         check_not_exiting()  # checked again as the workers register, under the lock
-        if max_workers is None:
-            max_workers = _cpu_count()
-        elif max_workers <= 0:
+        if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         options = check_backend(backend, backend_options)
         if worker_context is not None and not callable(worker_context):
@@ -116,6 +113,8 @@ class PortalPool(MapMethods, Executor, Generic[C]):
                 f"stall_timeout must be None or > 0 seconds, got {safe_repr(stall_timeout)}"
             )
         self._host = make_host(host)
+        if max_workers is None:
+            max_workers = self._host._default_max_workers()
         self._backend = backend
         self._run_chunk = run_chunk_trio if backend == "trio" else run_chunk_asyncio
         self._scheduler = make_scheduler(schedule)
@@ -401,11 +400,6 @@ class PortalPool(MapMethods, Executor, Generic[C]):
                 f"the pool would wait for that task, and the task for this thread. Call "
                 f"shutdown(wait=False) here, or shut the pool down from outside its tasks"
             )
-
-
-def _cpu_count() -> int:
-    count = getattr(os, "process_cpu_count", os.cpu_count)()
-    return count or 1
 
 
 # Whether trio knows that leaving ``async with`` must not be interrupted mid-step.

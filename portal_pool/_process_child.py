@@ -57,12 +57,8 @@ def child_config(index: int, settings: LoopSettings) -> bytes:
         raise TypeError(f"the pool's settings cannot be sent to a worker process: {exc}") from exc
 
 
-def child_main(connection: Connection, config_blob: bytes) -> None:
-    """The worker process's entry point (the target of its ``multiprocessing.Process``)."""
-    # First: a Ctrl-C in the terminal reaches the whole process group, and it is the
-    # parent's to handle, by cancelling the work here. trio and asyncio install their
-    # own SIGINT handler only over the default one, so they leave this alone.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def settings_from_config(config_blob: bytes) -> tuple[int, LoopSettings]:
+    """The worker's index and loop settings, from what :func:`child_config` made."""
     make_config, args, kwargs = decode_call(config_blob)
     config: dict[str, Any] = make_config(*args, **kwargs)
     settings = LoopSettings(
@@ -74,7 +70,17 @@ def child_main(connection: Connection, config_blob: bytes) -> None:
         pending_limit=None,  # the parent admits the work
         stall_timeout=config["stall_timeout"],
     )
-    worker: Worker[Any] = Worker(config["index"], ThreadHost(), settings)
+    return config["index"], settings
+
+
+def child_main(connection: Connection, config_blob: bytes) -> None:
+    """The worker process's entry point (the target of its ``multiprocessing.Process``)."""
+    # First: a Ctrl-C in the terminal reaches the whole process group, and it is the
+    # parent's to handle, by cancelling the work here. trio and asyncio install their
+    # own SIGINT handler only over the default one, so they leave this alone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    index, settings = settings_from_config(config_blob)
+    worker: Worker[Any] = Worker(index, ThreadHost(), settings)
     outbox = _Outbox(connection, worker)
     _forward_logs(outbox)
     worker._ready.add_done_callback(partial(_report_ready, outbox))
@@ -233,7 +239,7 @@ class _Outbox:
         while events:
             event = events.popleft()
             if event[0] == "future":
-                batch.append(("done", event[1], _encoded(event[2])))
+                batch.append(("done", event[1], encoded_outcome(event[2])))
             else:
                 batch.append(event)
         worker = self._worker
@@ -253,7 +259,7 @@ class _Outbox:
             self._flush(blocking=True)
 
 
-def _encoded(future: Future[Any]) -> bytes | None:
+def encoded_outcome(future: Future[Any]) -> bytes | None:
     """A settled future's outcome for the parent; ``None`` if it was cancelled."""
     if future.cancelled():
         return None

@@ -14,6 +14,7 @@ from multiprocessing import forkserver
 from typing import TYPE_CHECKING, Any
 
 from ._chunks import run_chunk_asyncio, run_chunk_trio
+from ._host import cpu_count
 from ._pickling import encode_call, run_encoded
 from ._process_loop import ProcessLoop
 
@@ -69,8 +70,11 @@ class ProcessHost:
             _preload_in_forkserver(settings)
         return ProcessLoop(worker, settings, self._context)
 
+    def _default_max_workers(self) -> int:
+        return cpu_count()
+
     def _call_encoder(self) -> Any:
-        return _encode_for_child
+        return encode_for_worker
 
 
 def _preload_in_forkserver(settings: LoopSettings) -> None:
@@ -95,7 +99,7 @@ def _preload_in_forkserver(settings: LoopSettings) -> None:
         forkserver.set_forkserver_preload(wanted)
 
 
-def _encode_for_child(
+def encode_for_worker(
     fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[Any, tuple[bytes], dict[str, Any]]:
     # The call the child runs: run_encoded(blob), which unpickles and makes the call.

@@ -25,6 +25,7 @@ from ._exceptions import BrokenPortalPool, safe_repr
 from ._future import TaskFuture
 from ._pickling import decode_outcome
 from ._process_child import child_config, child_main
+from ._remote import RemoteCounts, start_calls
 from ._supervision import RestartPolicy
 
 if TYPE_CHECKING:
@@ -40,19 +41,6 @@ logger = logging.getLogger("portal_pool")
 
 # How long a child that has closed its pipe gets to exit before it is killed.
 _EXIT_GRACE = 5.0
-
-
-class _RemoteCall:
-    """A sent call's canceller: its id, for the link to send a cancellation."""
-
-    __slots__ = ("_link", "id")
-
-    def __init__(self, link: ProcessLoop, call_id: int) -> None:
-        self._link = link
-        self.id = call_id
-
-    def cancel(self) -> None:
-        self._link._cancel_remote(self.id)
 
 
 class ProcessLoop:
@@ -82,10 +70,8 @@ class ProcessLoop:
         # Written by any thread, read by the link: appends and one-word stores.
         self._cancels: deque[int] = deque()
         self._stop_sent: bool | None = None
-        # The current child's own counts (restarts of its loop, stalls), as it last sent
-        # them: the worker's grow by what they add.
-        self._child_restarts = 0
-        self._child_stalls = 0
+        # The current child's own counts, as it last sent them.
+        self._child_counts = RemoteCounts()
         self._start_failure: BaseException | None = None  # a replacement's, to log
         self._closed = False  # the wake-up socket, under the worker's lock
 
@@ -96,6 +82,10 @@ class ProcessLoop:
         if self._pid is None:
             raise RuntimeError(f"worker {self._index}'s process has not started")
         return self._pid
+
+    @property
+    def node(self) -> None:
+        return None  # one machine
 
     @property
     def portal(self) -> BlockingPortal:
@@ -226,7 +216,7 @@ class ProcessLoop:
         self._process = process
         self._pid = process.pid
         self._stop_sent = None
-        self._child_restarts = self._child_stalls = 0
+        self._child_counts.reset()
         link = _ChildLink(self, receiver, process)
         died = True
         try:
@@ -255,7 +245,7 @@ class ProcessLoop:
         self._cancels.clear()
         in_flight, self._in_flight = self._in_flight, {}
         worker._active = 0
-        self._child_restarts = self._child_stalls = 0
+        self._child_counts.reset()
         if in_flight:
             broken = BrokenPortalPool(
                 f"worker {self._index}'s process (pid {process.pid}) "
@@ -324,11 +314,7 @@ class _ChildLink:
                     else:
                         future._settle(*decode_outcome(event[2]))
             elif kind == "status":
-                restarts, stalls, worker._loop_lag = event[1:]
-                # Counted as they happen, and kept: a replacement child counts from 0.
-                worker._restarts += restarts - loop._child_restarts
-                worker._stalls += stalls - loop._child_stalls
-                loop._child_restarts, loop._child_stalls = restarts, stalls
+                loop._child_counts.apply(worker, event[1:])
             elif kind == "log":
                 logger.log(event[1], "%s", event[2])
             elif kind == "ready":
@@ -355,7 +341,9 @@ class _ChildLink:
         if stop:
             for future in loop._waiting:  # never sent, so cancelled here
                 future.cancel()
-        calls = self._take_calls()
+        calls = start_calls(
+            loop, worker, loop._waiting, loop._in_flight, loop._max_concurrency, loop._ids
+        )
         messages: list[tuple[str, Any]] = []
         if calls:
             messages.append(("calls", calls))
@@ -369,28 +357,6 @@ class _ChildLink:
             self._connection.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
         if stop is not None and (stop or not loop._waiting):
             self._send_stop()
-
-    def _take_calls(self) -> list[tuple[int, bytes]]:
-        """Turn waiting work into sent calls, as far as ``max_concurrency`` allows."""
-        loop, worker = self._loop, self._worker
-        limit = loop._max_concurrency
-        waiting, in_flight = loop._waiting, loop._in_flight
-        calls: list[tuple[int, bytes]] = []
-        while waiting and (limit is None or len(in_flight) < limit):
-            future = waiting.popleft()
-            if worker._cancelled_by_stop(future):
-                continue
-            call_id = next(loop._ids)
-            # Before RUNNING: a cancel() that sees RUNNING finds the id to send.
-            future._canceller = _RemoteCall(loop, call_id)
-            call = future._begin()
-            if call is None:
-                future._canceller = None
-                continue
-            in_flight[call_id] = future
-            calls.append((call_id, call[1][0]))
-        worker._active = len(in_flight)
-        return calls
 
     def _send_stop(self) -> None:
         loop = self._loop

@@ -23,6 +23,7 @@ from anyio.lowlevel import EventLoopToken, current_token
 from ._callables import open_worker_context
 from ._exceptions import BrokenPortalPool, safe_repr
 from ._future import PENDING, TaskFuture
+from ._host import cpu_count
 from ._supervision import RestartPolicy
 from ._tokens import call_soon_or_drop
 from ._watchdog import Heartbeat
@@ -50,6 +51,9 @@ class ThreadHost:
 
     def _host_worker(self, worker: Worker[Any], settings: LoopSettings) -> ThreadLoop:
         return ThreadLoop(worker, settings)
+
+    def _default_max_workers(self) -> int:
+        return cpu_count()
 
     def _call_encoder(self) -> None:
         return None  # calls are passed as they are
@@ -101,6 +105,10 @@ class ThreadLoop:
     @property
     def pid(self) -> int:
         return os.getpid()
+
+    @property
+    def node(self) -> None:
+        return None  # one machine
 
     @property
     def portal(self) -> BlockingPortal:

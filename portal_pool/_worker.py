@@ -129,6 +129,11 @@ class Worker(TaskCounts, Generic[C_co]):
         return self._host_loop.pid
 
     @property
+    def node(self) -> str | None:
+        """The Ray node id of the worker's actor; ``None`` on the thread and process hosts."""
+        return self._host_loop.node
+
+    @property
     def portal(self) -> BlockingPortal:
         """The anyio portal of this worker's loop, for power users.
 

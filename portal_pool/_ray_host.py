@@ -1,0 +1,478 @@
+"""The Ray host: each worker's event loop in a Ray actor, anywhere on a cluster.
+
+Ray places, starts and restarts the actors and carries the data; the pool keeps its own
+inbox, credit window and futures in this process, as for worker processes. One *feeder*
+thread per worker sends its calls and settles its futures: Ray's own threads never run a
+future's callbacks, so a callback that waits for the pool cannot stall Ray's client.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import queue
+import threading
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import BrokenPortalPool, safe_repr
+from ._pickling import decode_outcome
+from ._process_child import child_config
+from ._process_host import encode_for_worker
+from ._remote import RemoteCounts, start_calls
+
+if TYPE_CHECKING:
+    from anyio.from_thread import BlockingPortal
+
+    from ._future import TaskFuture
+    from ._host import LoopSettings
+    from ._worker import Worker
+
+logger = logging.getLogger("portal_pool")
+
+# Waiting for Ray, the feeder wakes up this often to look for a stop: an actor that Ray
+# cannot place (no node has the resources it asks for) must not hang a shutdown.
+_POLL = 0.1
+# How long a killed actor gets to be reported dead before shutdown goes on without it.
+_DEATH_GRACE = 10.0
+
+
+def import_ray() -> Any:
+    """The ``ray`` module.
+
+    :raises ImportError: if Ray is not installed, saying how to install it
+    """
+    try:
+        return importlib.import_module("ray")
+    except ImportError as exc:
+        raise ImportError(
+            "RayHost needs Ray, which is not installed: install portal_pool[ray]"
+        ) from exc
+
+
+class RayHost:
+    """Each worker's event loop runs in a Ray actor, on whatever node Ray places it.
+
+    The pool joins the Ray runtime this process has started (``ray.init(...)``), or, if
+    none is running, starts Ray's default, as Ray itself does on first use. It never
+    shuts Ray down, and kills its own actors at ``shutdown()``. Calls, arguments, results
+    and exceptions cross as pickles, as for :class:`~portal_pool.ProcessHost`.
+
+    :param num_cpus: CPUs each worker's actor reserves (Ray's ``num_cpus``)
+    :param resources: other resources each actor reserves (Ray's ``resources``)
+    :param scheduling_strategy: where Ray places the actors: ``"SPREAD"``, a placement
+        group or node-affinity strategy (Ray's ``scheduling_strategy``)
+    :param runtime_env: the actors' code and dependencies (Ray's ``runtime_env``)
+    :param max_restarts: how many times Ray restarts a worker's actor that dies
+        (``-1``: always); its work in flight fails with ``BrokenPortalPool``
+    :raises ImportError: if Ray is not installed
+    :raises ValueError: for a negative ``num_cpus`` or a ``max_restarts`` below -1
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        num_cpus: float = 1,
+        resources: Mapping[str, float] | None = None,
+        scheduling_strategy: Any = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        max_restarts: int = -1,
+    ) -> None:
+        self._ray = import_ray()
+        if not num_cpus >= 0:
+            raise ValueError(f"num_cpus must be a number >= 0, got {safe_repr(num_cpus)}")
+        if not isinstance(max_restarts, int) or max_restarts < -1:
+            raise ValueError(
+                f"max_restarts must be an integer >= -1 (-1: always), got {safe_repr(max_restarts)}"
+            )
+        self.num_cpus = num_cpus
+        self.resources = dict(resources or {})
+        self.scheduling_strategy = scheduling_strategy
+        self.runtime_env = None if runtime_env is None else dict(runtime_env)
+        self.max_restarts = max_restarts
+        self._actor_class: Any = None
+
+    def __repr__(self) -> str:
+        return (
+            f"RayHost(num_cpus={self.num_cpus!r}, resources={self.resources!r}, "
+            f"scheduling_strategy={self.scheduling_strategy!r}, "
+            f"runtime_env={self.runtime_env!r}, max_restarts={self.max_restarts!r})"
+        )
+
+    def _connect(self) -> Any:
+        ray = self._ray
+        if not ray.is_initialized():
+            ray.init()  # what Ray does on first use: RAY_ADDRESS, else a local runtime
+        return ray
+
+    def _default_max_workers(self) -> int:
+        cpus = self._connect().cluster_resources().get("CPU", 1)
+        return max(1, int(cpus))
+
+    def _host_worker(self, worker: Worker[Any], settings: LoopSettings) -> RayLoop:
+        ray = self._connect()
+        if self._actor_class is None:
+            from ._ray_actor import WorkerActor
+
+            self._actor_class = ray.remote(concurrency_groups={"control": 16})(WorkerActor)
+        options = {
+            "num_cpus": self.num_cpus,
+            "resources": self.resources,
+            "scheduling_strategy": self.scheduling_strategy,
+            "runtime_env": self.runtime_env,
+            "max_restarts": self.max_restarts,
+            # At most once: Ray must not run a call again on a restarted actor.
+            "max_task_retries": 0,
+            # Ray's limit on calls running at once: the pool's own credit window, if any.
+            "max_concurrency": settings.max_concurrency or 1_000_000,
+            # A name shows whose actor it is, in Ray's dashboard and list_named_actors().
+            "name": f"portal_pool-{uuid.uuid4().hex[:12]}-{worker.index}",
+        }
+        actor = self._actor_class.options(**options)
+        return RayLoop(worker, settings, ray, actor, self.max_restarts)
+
+    def _call_encoder(self) -> Any:
+        return encode_for_worker
+
+
+class _Stopped(Exception):
+    """The pool was stopped while the feeder waited for Ray."""
+
+
+class RayLoop:
+    """One worker's loop in a Ray actor: the pool's end, run by the feeder thread."""
+
+    def __init__(
+        self, worker: Worker[Any], settings: LoopSettings, ray: Any, actor: Any, max_restarts: int
+    ) -> None:
+        self._worker = worker
+        self._max_restarts = max_restarts
+        self._index = worker.index
+        self._ray = ray
+        self._make_actor = actor
+        self._actor: Any = None
+        self._config = child_config(worker.index, settings)
+        self._max_concurrency = settings.max_concurrency
+        self._feeder = threading.Thread(
+            target=self._run, name=f"{settings.thread_name_prefix}-{self._index}"
+        )
+        # Everything the feeder acts on: None (look at the inbox, cancels and stop), or
+        # an answer from Ray. A SimpleQueue, whose put() may re-enter (a submit from a
+        # signal handler landing inside another's wake-up): a lock would deadlock there.
+        self._events: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._sent_below = 0  # every call sent so far has a lower id
+        # The feeder's own state: work taken from the inbox and not yet sent, and the sent
+        # calls not yet settled, by id.
+        self._waiting: deque[TaskFuture[Any]] = deque()
+        self._in_flight: dict[int, TaskFuture[Any]] = {}
+        # Appended by any thread (cancel()), taken by the feeder.
+        self._cancels: deque[int] = deque()
+        self._cancelled_all = False  # a cancelling stop has cancelled what was in flight
+        self._counts = RemoteCounts()
+        self._pid: int | None = None
+        self._node: str | None = None
+        self._lost: BaseException | None = None  # why the actor may be gone
+
+    # -- the worker's side ----------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        if self._pid is None:
+            raise RuntimeError(f"worker {self._index}'s actor has not started")
+        return self._pid
+
+    @property
+    def node(self) -> str | None:
+        return self._node
+
+    @property
+    def portal(self) -> BlockingPortal:
+        raise RuntimeError(self._lives_in_actor("portal"))
+
+    @property
+    def context(self) -> Any:
+        raise RuntimeError(self._lives_in_actor("context"))
+
+    def _lives_in_actor(self, what: str) -> str:
+        return (
+            f"worker {self._index}'s {what} lives in its Ray actor (pid {self._pid}), not in "
+            f"this process; read current_worker().{what} inside a task instead"
+        )
+
+    def wake(self) -> None:
+        self._events.put(None)
+
+    def start(self) -> None:
+        self._feeder.start()
+
+    def cancel(self, future: TaskFuture[Any]) -> None:
+        canceller = future._canceller
+        if canceller is not None:
+            canceller.cancel()
+
+    def stop(self, cancel: bool) -> None:
+        self._events.put(None)  # the worker has recorded the request: the feeder reads it
+
+    def started(self) -> bool:
+        return self._feeder.ident is not None
+
+    def is_alive(self) -> bool:
+        return self._feeder.is_alive()
+
+    def join(self) -> None:
+        self._feeder.join()
+
+    def terminate(self) -> None:
+        if self._actor is not None:
+            with suppress(Exception):
+                self._ray.kill(self._actor, no_restart=True)
+
+    def check_heartbeat(self, now: float, stall_timeout: float) -> None:
+        pass  # the actor runs its own watchdog; its reports come with the answers
+
+    def after_fork_in_child(self) -> list[TaskFuture[Any]]:
+        held = [*self._waiting, *self._in_flight.values()]
+        self._waiting.clear()
+        self._in_flight.clear()
+        self._actor = None  # the parent's: a forked child does not reach Ray
+        return held
+
+    def _cancel_remote(self, call_id: int) -> None:
+        self._cancels.append(call_id)
+        self._events.put(None)
+
+    # -- the feeder thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        worker = self._worker
+        # A done-callback that waits for this worker's own future would wait for the
+        # feeder that runs it: the worker's guards refuse that instead of hanging.
+        worker._thread_ident = threading.get_ident()
+        broken: BaseException | None = None
+        try:
+            if self._start():
+                self._serve()
+        except _Stopped:
+            pass
+        except BaseException as exc:
+            broken = exc
+            logger.error(
+                "worker %d's actor %s; the worker is broken: work sent to it fails with "
+                "BrokenPortalPool",
+                self._index,
+                exc,
+            )
+        finally:
+            self._end_actor()
+            with worker._lock:
+                worker._closed = True
+                worker._waker = None
+            if not worker._ready.done():
+                worker._ready.set_exception(BrokenPortalPool("the pool was stopped while starting"))
+            ended = BrokenPortalPool(
+                f"worker {self._index}'s actor has ended"
+                + ("" if broken is None else f": {_text(broken)}")
+            )
+            for future in self._waiting:
+                future._settle_broken(ended)
+            self._waiting.clear()
+            worker._fail_queued(ended)
+            worker._exited.set_result(None)
+
+    def _start(self) -> bool:
+        """Start the actor; ``True`` once its worker serves, ``False`` if it failed."""
+        worker = self._worker
+        try:
+            self._actor = self._make_actor.remote(self._config)
+            answer = self._wait_for(self._actor.ready.remote())
+        except _Stopped:
+            raise
+        except BaseException as exc:
+            worker._ready.set_exception(exc)
+            return False
+        if answer[0] == "failed":
+            worker._ready.set_exception(decode_outcome(answer[1])[1])
+            return False
+        self._pid, self._node = answer[1], answer[2]
+        with worker._lock:
+            worker._waker = self
+            worker._wake_pending = False
+        worker._ready.set_result(None)
+        self._watch()
+        return True
+
+    def _serve(self) -> None:
+        """Send calls, cancellations and the stop, and settle the answers, until the
+        worker is stopped and nothing is left in flight."""
+        worker, events = self._worker, self._events
+        events.put(None)  # the inbox may have filled while the actor started
+        while True:
+            self._handle(events.get())
+            with suppress(queue.Empty):
+                while True:  # one pass for the whole burst of events
+                    self._handle(events.get_nowait())
+            if self._lost is not None:
+                self._recover()
+            stop = worker._stop_request  # read before the inbox: work before it is all there
+            self._waiting.extend(worker._take_inbox())
+            if stop:
+                for future in self._waiting:  # never sent, so cancelled here
+                    future.cancel()
+            self._send(stop)
+            if stop is not None and not self._waiting and not self._in_flight:
+                return
+
+    def _send(self, stop: bool | None) -> None:
+        in_flight = self._in_flight
+        calls = start_calls(
+            self, self._worker, self._waiting, in_flight, self._max_concurrency, self._ids
+        )
+        actor = self._actor
+        for call_id, blob in calls:
+            self._on_answer(actor.call.remote(call_id, blob), ("call", call_id))
+            self._sent_below = call_id + 1
+        cancels: list[int] = []
+        with suppress(IndexError):
+            while True:
+                cancels.append(self._cancels.popleft())
+        if stop and not self._cancelled_all:
+            self._cancelled_all = True
+            cancels.extend(in_flight)
+        if cancels:
+            # Every call below the lowest id in flight is settled here.
+            actor.cancel.remote(cancels, min(in_flight, default=self._sent_below))
+
+    def _on_answer(self, ref: Any, event: tuple[Any, ...]) -> None:
+        """Have the feeder handle ``event`` once the call behind ``ref`` answers."""
+        events = self._events
+        ref.future().add_done_callback(lambda answer: events.put((*event, answer)))
+
+    def _watch(self) -> None:
+        self._on_answer(self._actor.watch.remote(), ("watch", self._actor))
+
+    def _handle(self, event: tuple[Any, ...] | None) -> None:
+        if event is None:
+            return
+        kind, answer = event[0], event[-1]
+        if kind == "call":
+            future = self._in_flight.pop(event[1], None)
+            self._worker._active = len(self._in_flight)
+            if future is None:
+                return
+            try:
+                status, outcome = answer.result()
+            except BaseException as exc:
+                self._lost = exc
+                future._settle_broken(self._broken_call(exc))
+                return
+            self._counts.apply(self._worker, status)
+            if outcome is None:
+                future._settle_cancelled()
+            else:
+                future._settle(*decode_outcome(outcome))
+        elif kind == "watch" and event[1] is self._actor:
+            try:
+                self._counts.apply(self._worker, answer.result())
+            except BaseException as exc:
+                self._lost = exc
+            else:
+                if self._worker._stop_request is None:
+                    self._watch()
+
+    def _broken_call(self, exc: BaseException) -> BrokenPortalPool:
+        broken = BrokenPortalPool(
+            f"worker {self._index}'s actor (pid {self._pid}) failed while it ran this "
+            f"call, which may or may not have run: {_text(exc)}"
+        )
+        broken.__cause__ = exc
+        return broken
+
+    def _recover(self) -> None:
+        """The actor may have died: wait for Ray to restart it, or give up.
+
+        :raises BaseException: why the worker is broken (no restarts left, or its
+            ``worker_context`` failed in the restarted actor)
+        """
+        lost, self._lost = self._lost, None
+        try:
+            answer = self._wait_for(self._actor.ready.remote())
+        except _Stopped:
+            raise
+        except BaseException as exc:
+            raise RuntimeError(
+                f"died ({_text(lost)}), and Ray did not restart it "
+                f"(max_restarts={self._max_restarts}): {_text(exc)}"
+            ) from exc
+        if answer[0] == "failed":
+            failure = decode_outcome(answer[1])[1]
+            raise RuntimeError(
+                f"was restarted, and its worker_context failed there: {safe_repr(failure)}"
+            ) from failure
+        pid, self._node = answer[1], answer[2]
+        if pid != self._pid:
+            self._worker._restarts += 1
+            self._counts.reset()
+            logger.warning(
+                "worker %d's actor (pid %s) died: Ray restarted it (pid %s; restart %d)",
+                self._index,
+                self._pid,
+                pid,
+                self._worker._restarts,
+            )
+            self._pid = pid
+        self._watch()
+
+    def _wait_for(self, ref: Any) -> Any:
+        """Wait for ``ref``'s answer, handling other events meanwhile.
+
+        :raises _Stopped: if the pool is stopped first
+        :raises BaseException: what the call raised
+        """
+        answered: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        ref.future().add_done_callback(answered.put)
+        while True:
+            with suppress(queue.Empty):
+                return answered.get(timeout=_POLL).result()
+            with suppress(queue.Empty):
+                while True:
+                    self._handle(self._events.get_nowait())
+            if self._worker._stop_request is not None:
+                raise _Stopped
+
+    def _end_actor(self) -> None:
+        """Stop the worker in the actor, kill the actor, and settle what it still held."""
+        actor, ray = self._actor, self._ray
+        if actor is None:
+            return
+        stop = self._worker._stop_request
+        if stop is not None and self._lost is None:
+            with suppress(BaseException):  # dead already: killed below all the same
+                self._wait_for_death_or(actor.stop.remote(stop))
+        with suppress(Exception):
+            ray.kill(actor, no_restart=True)
+        # Answered (with an error) once Ray knows the actor is dead: no actor of this
+        # pool outlives shutdown(), even for an instant.
+        with suppress(BaseException):
+            self._wait_for_death_or(actor.ready.remote())
+        ended = BrokenPortalPool(f"worker {self._index}'s actor was killed at shutdown")
+        for future in self._in_flight.values():
+            future._settle_broken(ended)
+        self._in_flight.clear()
+        self._worker._active = 0
+
+    def _wait_for_death_or(self, ref: Any) -> None:
+        answered: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        ref.future().add_done_callback(answered.put)
+        answered.get(timeout=_DEATH_GRACE).result()
+
+
+def _text(exc: BaseException | None) -> str:
+    """The first line of ``str(exc)``: Ray's messages go on for many lines."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
