@@ -25,7 +25,7 @@ from ._exceptions import BrokenPortalPool, safe_repr
 from ._future import TaskFuture
 from ._pickling import decode_outcome
 from ._process_child import child_config, child_main
-from ._remote import RemoteCounts, start_calls
+from ._remote import RemoteCounts, lives_elsewhere, start_calls
 from ._supervision import RestartPolicy
 
 if TYPE_CHECKING:
@@ -89,17 +89,11 @@ class ProcessLoop:
 
     @property
     def portal(self) -> BlockingPortal:
-        raise RuntimeError(self._lives_in_child("portal"))
+        raise RuntimeError(lives_elsewhere(self._index, "portal", self._pid))
 
     @property
     def context(self) -> Any:
-        raise RuntimeError(self._lives_in_child("context"))
-
-    def _lives_in_child(self, what: str) -> str:
-        return (
-            f"worker {self._index}'s {what} lives in its process (pid {self._pid}), not in "
-            f"this one; read current_worker().{what} inside a task instead"
-        )
+        raise RuntimeError(lives_elsewhere(self._index, "context", self._pid))
 
     def wake(self) -> None:
         # Called with the worker's lock held, as the link closes the socket under it:

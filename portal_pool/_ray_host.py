@@ -23,7 +23,7 @@ from ._exceptions import BrokenPortalPool, safe_repr
 from ._pickling import decode_outcome
 from ._process_child import child_config
 from ._process_host import encode_for_worker
-from ._remote import RemoteCounts, start_calls
+from ._remote import RemoteCounts, lives_elsewhere, start_calls
 
 if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
@@ -193,17 +193,11 @@ class RayLoop:
 
     @property
     def portal(self) -> BlockingPortal:
-        raise RuntimeError(self._lives_in_actor("portal"))
+        raise RuntimeError(lives_elsewhere(self._index, "portal", self._pid))
 
     @property
     def context(self) -> Any:
-        raise RuntimeError(self._lives_in_actor("context"))
-
-    def _lives_in_actor(self, what: str) -> str:
-        return (
-            f"worker {self._index}'s {what} lives in its Ray actor (pid {self._pid}), not in "
-            f"this process; read current_worker().{what} inside a task instead"
-        )
+        raise RuntimeError(lives_elsewhere(self._index, "context", self._pid))
 
     def wake(self) -> None:
         self._events.put(None)

@@ -89,3 +89,11 @@ class RemoteCounts:
     def reset(self) -> None:
         """The remote worker was replaced: its successor counts from 0."""
         self._restarts = self._stalls = 0
+
+
+def lives_elsewhere(index: int, what: str, pid: int | None) -> str:
+    """Why a remote worker's ``portal`` or ``context`` cannot be read here."""
+    return (
+        f"worker {index}'s {what} lives in its process (pid {pid}), not in this one; "
+        f"read current_worker().{what} inside a task instead"
+    )

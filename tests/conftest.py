@@ -20,6 +20,9 @@ from typing import Any
 import pytest
 
 from portal_pool import PortalPool
+from portal_pool.ray import RayHost
+
+from . import ray_support
 
 # name -> (backend, backend_options, module that must be importable)
 POOL_BACKENDS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -29,7 +32,7 @@ POOL_BACKENDS: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
-HOSTS = ("thread", "process")
+HOSTS = ("thread", "process", "ray")
 
 
 def _installed(module: str) -> bool:
@@ -62,6 +65,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "hosts(*names): run the test on these hosts only, of its module's HOSTS (for a "
         "test about one host's own machinery, such as the thread host's portal)",
     )
+    config.addinivalue_line(
+        "markers", "ray: a test on the Ray host (one local Ray runtime per session)"
+    )
+    # Tasks on the process and Ray hosts reach the `shared` manager's objects: their
+    # processes must hold its key (see ray_support.share_authkey).
+    multiprocessing.current_process().authkey = ray_support.AUTHKEY
     # The Ctrl-C tests need a SIGINT that works, in this process (a signal sent to its
     # main thread) and in the scripts it starts. A run started with SIGINT ignored (in
     # the background, by some CI launchers) would pass that on: handle it as a program
@@ -80,8 +89,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         marker = metafunc.definition.get_closest_marker("hosts")
         if marker is not None:  # a test about one host's own machinery
             hosts = [host for host in hosts if host in marker.args]
+        params: list[Any] = [
+            pytest.param(host, marks=ray_support.HOST_MARKS) if host == "ray" else host
+            for host in hosts
+        ]
         # None: on none of the chosen hosts, and deselected (pytest_collection_modifyitems)
-        metafunc.parametrize("pool_host", hosts or [None], scope="module")
+        metafunc.parametrize("pool_host", params or [None], scope="module")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -111,10 +124,27 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def backend_kwargs(pool_backend: str, pool_host: str) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def backend_kwargs(
+    pool_backend: str, pool_host: str, request: pytest.FixtureRequest
+) -> dict[str, Any]:
     backend, options, _ = POOL_BACKENDS[pool_backend]
-    return {"backend": backend, "backend_options": options, "host": pool_host}
+    return {"backend": backend, "backend_options": options, "host": host_for(pool_host, request)}
+
+
+def host_for(pool_host: str, request: pytest.FixtureRequest) -> Any:
+    """What to pass as ``PortalPool(host=...)`` for the ``pool_host`` parameter."""
+    if pool_host != "ray":
+        return pool_host
+    request.getfixturevalue("ray_runtime")
+    # No CPUs reserved: the tests' pools would otherwise queue for the runtime's two.
+    return RayHost(num_cpus=0)
+
+
+@pytest.fixture(scope="session")
+def ray_runtime() -> Iterator[Any]:
+    """The local Ray runtime that every Ray test shares, started once per session."""
+    yield from ray_support.local_runtime()
 
 
 class ThreadShared:
@@ -140,10 +170,10 @@ def _manager() -> Iterator[Any]:
 
 @pytest.fixture
 def shared(pool_host: str, request: pytest.FixtureRequest) -> Any:
-    """Events, locks, lists and dicts that tasks share with the test, on either host.
+    """Events, locks, lists and dicts that tasks share with the test, on every host.
 
-    On the process host they are proxies to a manager process: a task in a worker
-    process that sets an event, or appends to a list, is seen by the test.
+    On the process and Ray hosts they are proxies to a manager process: a task in a
+    worker process or actor that sets an event, or appends to a list, is seen by the test.
     """
     if pool_host == "thread":
         return ThreadShared
@@ -166,9 +196,8 @@ def make_pool(backend_kwargs: dict[str, Any]) -> Iterator[Callable[..., PortalPo
 
 
 @pytest.fixture(scope="module")
-def _module_pool(pool_backend: str, pool_host: str) -> Iterator[PortalPool[Any]]:
-    backend, options, _ = POOL_BACKENDS[pool_backend]
-    pool: PortalPool[Any] = PortalPool(2, backend=backend, backend_options=options, host=pool_host)
+def _module_pool(backend_kwargs: dict[str, Any]) -> Iterator[PortalPool[Any]]:
+    pool: PortalPool[Any] = PortalPool(2, **backend_kwargs)
     yield pool
     pool.shutdown(wait=True, cancel_futures=True)
     alive = [worker.index for worker in pool.workers if worker._host_loop.is_alive()]

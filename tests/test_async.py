@@ -17,7 +17,7 @@ from portal_pool import PortalPool
 
 from .helpers import event_set
 
-HOSTS = ("thread", "process")
+HOSTS = ("thread", "process", "ray")
 
 MakePool = Callable[..., PortalPool[Any]]
 
@@ -211,7 +211,7 @@ async def test_run_async_from_inside_a_worker(module_pool: PortalPool[Any]) -> N
     assert await pool.workers[0].run_async(outer) == 14
 
 
-@pytest.mark.hosts("process")
+@pytest.mark.hosts("process", "ray")
 async def test_a_task_in_a_worker_process_cannot_use_the_pool(
     module_pool: PortalPool[Any],
 ) -> None:

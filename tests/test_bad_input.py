@@ -21,7 +21,7 @@ from portal_pool import BrokenPortalPool, PortalPool
 
 from .helpers import event_set
 
-HOSTS = ("thread", "process")
+HOSTS = ("thread", "process", "ray")
 
 
 def counts(pool: PortalPool[Any]) -> tuple[int, ...]:
@@ -322,7 +322,7 @@ def test_unpicklable_call_raises_from_submit_and_loses_nothing(
             # The pickling error itself, as the cause.
             assert isinstance(info.value.__cause__, TypeError)
             assert "cannot pickle '_thread.lock' object" in str(info.value.__cause__)
-        if pool_host == "process":  # run() raises it at once too, before any wait
+        if pool_host != "thread":  # run() raises it at once too, before any wait
             for run in (pool.run, worker.run):
                 with pytest.raises(TypeError, match=f"^{unsendable(what, of_type)}$"):
                     run(fn, *args, **kwargs)
@@ -332,7 +332,7 @@ def test_unpicklable_call_raises_from_submit_and_loses_nothing(
     assert pool.run(describe, 1, x=2) == "1 ['x']"
 
 
-@pytest.mark.hosts("process")
+@pytest.mark.hosts("process", "ray")
 def test_unpicklable_map_raises_at_the_call_or_at_the_next_that_submits_it(
     module_pool: PortalPool[Any],
 ) -> None:
@@ -354,7 +354,7 @@ def test_unpicklable_map_raises_at_the_call_or_at_the_next_that_submits_it(
     assert earlier.result(timeout=10) == "1 []"
 
 
-@pytest.mark.hosts("process")
+@pytest.mark.hosts("process", "ray")
 def test_unpicklable_chunked_map_raises_at_the_call(module_pool: PortalPool[Any]) -> None:
     # A chunk is one call of the backend's chunk runner: the message still names the
     # item (by its place in the chunk and its argument) or the callable, as

@@ -40,7 +40,7 @@ from portal_pool import (
 from .faults import kill_current_loop
 from .helpers import CountingSource
 
-HOSTS = ("thread", "process")
+HOSTS = ("thread", "process", "ray")
 
 MakePool = Callable[..., PortalPool[Any]]
 KeptPool = Callable[[int], PortalPool[Any]]
@@ -1026,7 +1026,7 @@ def test_stats_reflect_a_blocked_worker(make_pool: MakePool, shared: Any, pool_h
     with loop_held(worker.submit, shared) as holder:
         queued = [worker.submit(noop) for _ in range(3)]
         running = 1
-        if pool_host == "process":
+        if pool_host != "thread":
             # A worker process is sent every call (no max_concurrency): once they are
             # sent, the parent counts as running all that the child holds, though there
             # they wait for the loop.
@@ -1171,7 +1171,7 @@ def test_work_waiting_behind_the_cap_survives_a_childs_death(
     assert (stats.restarts, stats.failed) == (1, 2)
 
 
-@pytest.mark.hosts("process")
+@pytest.mark.hosts("process", "ray")
 def test_a_task_in_a_worker_process_cannot_reach_the_pool(make_pool: MakePool) -> None:
     # The process host's side of test_submit_from_inside_the_worker_when_full_raises.
     pool = make_pool(1, max_pending=1)

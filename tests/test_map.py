@@ -27,7 +27,7 @@ from .helpers import CountingSource
 
 MakePool = Callable[..., PortalPool[Any]]
 
-HOSTS = ("thread", "process")
+HOSTS = ("thread", "process", "ray")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from portal_pool import PortalPool, Worker, current_worker
 
 from .helpers import event_set, loop_held
 
-HOSTS = ("thread", "process")
+HOSTS = ("thread", "process", "ray")
 
 MakePool = Callable[..., PortalPool[Any]]
 
@@ -71,7 +71,7 @@ def test_coroutine_function_sync_callable_and_awaitable_factory(
     assert total == 5
     assert thread_name.startswith("portal_pool-")  # ran in a worker's loop thread
     assert pid == pool.workers[index].pid  # in that worker's process
-    assert (pid != os.getpid()) == (pool_host == "process")
+    assert (pid != os.getpid()) == (pool_host != "thread")
     assert pool.run(returns_awaitable, 21) == 42
     assert pool.submit(double, 4).result(timeout=10) == 8
 
@@ -306,7 +306,7 @@ def portal_and_context_in_the_task() -> tuple[str, Any]:
     return type(worker.portal).__name__, worker.context
 
 
-@pytest.mark.hosts("process")
+@pytest.mark.hosts("process", "ray")
 def test_portal_and_context_live_in_the_worker_process(module_pool: PortalPool[Any]) -> None:
     worker = module_pool.workers[0]
     for name in ("portal", "context"):

@@ -19,7 +19,7 @@ import pytest
 
 from portal_pool import PortalPool
 
-HOSTS = ("thread", "process")
+HOSTS = ("thread", "process", "ray")
 
 STALL_TIMEOUT = 0.2
 

@@ -22,7 +22,7 @@ import pytest
 
 from portal_pool import BrokenPortalPool, PortalPool, current_worker
 
-HOSTS = ("thread", "process")
+HOSTS = ("thread", "process", "ray")
 
 # Where a loop runs: its process and its thread.
 Where = tuple[int, int]
@@ -168,7 +168,7 @@ def test_a_failing_worker_context_fails_the_constructor_and_leaves_nothing(
     assert live_worker_processes() == []
 
 
-@pytest.mark.hosts("process")
+@pytest.mark.hosts("process", "ray")
 def test_a_replacement_worker_process_enters_the_context_again(
     backend_kwargs: dict[str, Any], shared: Any
 ) -> None:
