@@ -37,6 +37,8 @@ logger = logging.getLogger("portal_pool")
 # Waiting for Ray, the feeder wakes up this often to look for a stop: an actor that Ray
 # cannot place (no node has the resources it asks for) must not hang a shutdown.
 _POLL = 0.1
+# Ray's own limit on an actor's calls running at once, set out of the way.
+_RAY_CALLS_MAX = 1_000_000
 # How long a killed actor gets to be reported dead before shutdown goes on without it.
 _DEATH_GRACE = 10.0
 
@@ -128,8 +130,10 @@ class RayHost:
             "max_restarts": self.max_restarts,
             # At most once: Ray must not run a call again on a restarted actor.
             "max_task_retries": 0,
-            # Ray's limit on calls running at once: the pool's own credit window, if any.
-            "max_concurrency": settings.max_concurrency or 1_000_000,
+            # No limit of Ray's on the calls running at once: max_concurrency is the
+            # pool's own credit window, in this process. (Ray's limit set to 1 also
+            # stopped the actor from answering at all, with Ray 2.60.)
+            "max_concurrency": _RAY_CALLS_MAX,
             # A name shows whose actor it is, in Ray's dashboard and list_named_actors().
             "name": f"portal_pool-{uuid.uuid4().hex[:12]}-{worker.index}",
         }
