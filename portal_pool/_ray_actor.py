@@ -68,7 +68,10 @@ class WorkerActor:
         if failure is not None:
             return ("failed", encode_outcome(False, failure))
         ray: Any = importlib.import_module("ray")
-        return ("ready", os.getpid(), ray.get_runtime_context().get_node_id())
+        # Outside an actor (the class is plain Python, and tested as such) no Ray runs:
+        # asking would start one.
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return ("ready", os.getpid(), node)
 
     async def call(self, call_id: int, blob: bytes) -> tuple[Status, bytes | None]:
         """Run one encoded call; answer once its task has exited (``None``: cancelled)."""

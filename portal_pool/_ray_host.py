@@ -398,8 +398,16 @@ class RayLoop:
             ``worker_context`` failed in the restarted actor)
         """
         lost, self._lost = self._lost, None
+        unavailable = self._ray.exceptions.ActorUnavailableError
         try:
-            answer = self._wait_for(self._actor.ready.remote())
+            while True:
+                try:
+                    answer = self._wait_for(self._actor.ready.remote())
+                    break
+                except unavailable:
+                    # Restarting: Ray refuses calls meanwhile, and says nothing when it
+                    # is back. Ask again shortly.
+                    self._pause()
         except _Stopped:
             raise
         except BaseException as exc:
@@ -425,6 +433,16 @@ class RayLoop:
             )
             self._pid = pid
         self._watch()
+
+    def _pause(self) -> None:
+        """Wait a little, handling events meanwhile.
+
+        :raises _Stopped: if the pool is stopped
+        """
+        with suppress(queue.Empty):
+            self._handle(self._events.get(timeout=_POLL))
+        if self._worker._stop_request is not None:
+            raise _Stopped
 
     def _wait_for(self, ref: Any) -> Any:
         """Wait for ``ref``'s answer, handling other events meanwhile.

@@ -272,6 +272,15 @@ def no_leaked_threads() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def no_leaked_actors() -> Iterator[None]:
+    """Fail any test that leaves one of its pools' Ray actors alive (none without Ray)."""
+    before = ray_support.live_pool_actors()
+    yield
+    leaked = ray_support.live_pool_actors() - before
+    assert not leaked, f"Ray actors leaked by this test: {sorted(leaked)}"
+
+
+@pytest.fixture(autouse=True)
 def no_leaked_worker_processes() -> Iterator[None]:
     """Fail any test that leaves a worker process alive after it ends (those of a pool
     that outlives the test, such as ``module_pool``, existed before it)."""

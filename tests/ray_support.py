@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,3 +42,22 @@ def local_runtime() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def actor_state(actor_id: str) -> str:
+    """An actor's state in Ray's control store (the GCS), which needs no dashboard."""
+    from ray._private import state
+
+    return str(state.actors(actor_id)["State"])
+
+
+def live_pool_actors() -> set[str]:
+    """The names of the pools' actors that Ray knows alive, if this process uses Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return set()
+    return {name for name in ray.util.list_named_actors() if name.startswith("portal_pool-")}
