@@ -20,7 +20,7 @@ TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"]
 
 
 BACKENDS = ["asyncio", "uvloop", "trio"]
-HOSTS = ["thread", "process"]
+HOSTS = ["thread", "process"]  # the Ray host has a session of its own: ray
 
 
 @nox.session(python=AVAILABLE)
@@ -35,6 +35,14 @@ def tests(session: nox.Session, backend: str, host: str) -> None:
     extras = {"asyncio": "", "uvloop": "[uvloop]", "trio": "[trio]"}[backend]
     session.install(f".{extras}", *TEST_DEPS)
     session.run("pytest", "--backend", backend, "--host", host, *session.posargs)
+
+
+@nox.session
+def ray(session: nox.Session) -> None:
+    """Every test on the Ray host: its own module, and the shared modules on Ray
+    (``--host ray``), on asyncio, uvloop and trio, against one local Ray runtime."""
+    session.install(".[trio,uvloop,ray]", *TEST_DEPS)
+    session.run("pytest", "-m", "ray", "--host", "ray", *session.posargs)
 
 
 @nox.session

@@ -1,9 +1,10 @@
 """Shared fixtures: backend and host parametrization, and the thread and process leak
 checks.
 
-A test module opts in to the process host with ``HOSTS = ("thread", "process")``; the
-others run on the thread host only. ``--host`` narrows the choice, as ``--backend`` does,
-and a test about one host's own machinery says which with ``@pytest.mark.hosts(...)``.
+A test module opts in to the process and Ray hosts with
+``HOSTS = ("thread", "process", "ray")``; the others run on the thread host only (see
+``default_hosts`` for Ray). ``--host`` narrows the choice, as ``--backend`` does, and a
+test about one host's own machinery says which with ``@pytest.mark.hosts(...)``.
 ``module_pool`` is a pool that a module's tests share, per backend and host.
 """
 
@@ -84,8 +85,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # Module-scoped, so that a module-scoped fixture (module_pool) can depend on it.
         metafunc.parametrize("pool_backend", _selected(metafunc.config), scope="module")
     if "pool_host" in metafunc.fixturenames:
-        chosen = metafunc.config.getoption("--host") or HOSTS
-        hosts = [host for host in getattr(metafunc.module, "HOSTS", ("thread",)) if host in chosen]
+        module_hosts = getattr(metafunc.module, "HOSTS", ("thread",))
+        chosen = metafunc.config.getoption("--host") or default_hosts(module_hosts)
+        hosts = [host for host in module_hosts if host in chosen]
         marker = metafunc.definition.get_closest_marker("hosts")
         if marker is not None:  # a test about one host's own machinery
             hosts = [host for host in hosts if host in marker.args]
@@ -95,6 +97,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         ]
         # None: on none of the chosen hosts, and deselected (pytest_collection_modifyitems)
         metafunc.parametrize("pool_host", params or [None], scope="module")
+
+
+def default_hosts(module_hosts: tuple[str, ...]) -> tuple[str, ...]:
+    """The hosts a module runs on when ``--host`` is not given.
+
+    A shared module runs on Ray only when asked (``--host ray``, as ``nox -s ray`` does):
+    each of its tests starts Ray actors, 2-5 s apiece on a busy 2-core machine, which
+    would make the default run several times longer. A module of the Ray host's own
+    always runs on it (skipped, saying why, without Ray).
+    """
+    if module_hosts == ("ray",):
+        return module_hosts
+    return tuple(host for host in module_hosts if host != "ray")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
