@@ -295,7 +295,7 @@ class RayLoop:
             worker._ready.set_exception(exc)
             return False
         if answer[0] == "failed":
-            worker._ready.set_exception(decode_outcome(answer[1])[1])
+            worker._ready.set_exception(_failure(answer))
             return False
         self._pid, self._node = answer[1], answer[2]
         with worker._lock:
@@ -349,7 +349,7 @@ class RayLoop:
     def _on_answer(self, ref: Any, event: tuple[Any, ...]) -> None:
         """Have the feeder handle ``event`` once the call behind ``ref`` answers."""
         events = self._events
-        ref.future().add_done_callback(lambda answer: events.put((*event, answer)))
+        ref.future().add_done_callback(lambda answer: events.put((*event, answer)))  # pyright: ignore[reportUnknownLambdaType, reportUnknownArgumentType]
 
     def _watch(self) -> None:
         self._on_answer(self._actor.watch.remote(), ("watch", self._actor))
@@ -416,7 +416,7 @@ class RayLoop:
                 f"(max_restarts={self._max_restarts}): {_text(exc)}"
             ) from exc
         if answer[0] == "failed":
-            failure = decode_outcome(answer[1])[1]
+            failure = _failure(answer)
             raise RuntimeError(
                 f"was restarted, and its worker_context failed there: {safe_repr(failure)}"
             ) from failure
@@ -486,6 +486,13 @@ class RayLoop:
         answered: queue.SimpleQueue[Any] = queue.SimpleQueue()
         ref.future().add_done_callback(answered.put)
         answered.get(timeout=_DEATH_GRACE).result()
+
+
+def _failure(answer: tuple[Any, ...]) -> BaseException:
+    """The exception in a ``("failed", outcome)`` answer of the actor's ``ready``."""
+    failure = decode_outcome(answer[1])[1]
+    assert isinstance(failure, BaseException)
+    return failure
 
 
 def _text(exc: BaseException | None) -> str:
