@@ -168,11 +168,13 @@ class ProcessLoop:
                         worker._restarts,
                     )
                     continue
+                reason = f"{failure}, and {why}" if accepted else why
+                worker._broken_by = f"its process {reason}"
                 logger.error(
                     "worker %d's process %s; the worker is broken: work sent to it fails "
                     "with BrokenPortalPool",
                     self._index,
-                    f"{failure}, and {why}" if accepted else why,
+                    reason,
                     exc_info=self._start_failure,
                 )
                 break

@@ -254,6 +254,7 @@ class ThreadLoop:
                         exc_info=failure,
                     )
                     continue
+                worker._broken_by = f"it {why}"
                 logger.error(
                     "worker %d's event loop %s; the worker is broken: work sent to it "
                     "fails with BrokenPortalPool",

@@ -93,6 +93,7 @@ class Worker(TaskCounts, Generic[C_co]):
         self._closed = False
         self._forked = False  # a copy of the worker in a child made by os.fork()
         self._stop_request: bool | None = None  # None, or the cancel flag of the stop
+        self._broken_by: str | None = None  # why the host gave up on the loop, if it did
         self._ready: Future[None] = Future()
         self._exited: Future[None] = Future()
         # The thread that runs this worker's loop in this process (thread host only).
@@ -312,7 +313,8 @@ class Worker(TaskCounts, Generic[C_co]):
         if self._forked:
             return BrokenPortalPool(FORK_MESSAGE)
         if self._stop_request is None:
-            return BrokenPortalPool(f"worker {self._index}'s event loop has stopped")
+            why = "" if self._broken_by is None else f": {self._broken_by}"
+            return BrokenPortalPool(f"worker {self._index}'s event loop has stopped{why}")
         return RuntimeError(SHUTDOWN_MESSAGE)
 
     def _take_reentered(self) -> list[TaskFuture[Any]]:

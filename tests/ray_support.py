@@ -34,6 +34,9 @@ def local_runtime() -> Iterator[Any]:
     """Start the session's local Ray runtime; shut it down at the end."""
     ray = pytest.importorskip("ray", reason=NO_RAY)
     ray.init(
+        # A runtime of its own, even where another one left its address behind (a
+        # cluster test's, say), which ray.init() would otherwise join.
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         runtime_env={"worker_process_setup_hook": f"{__name__}.share_authkey"},

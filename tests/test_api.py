@@ -18,6 +18,15 @@ def test_all_matches_the_public_names() -> None:
         assert getattr(portal_pool, name).__module__.startswith("portal_pool")
 
 
+def test_portal_pool_ray_exports_the_ray_host_only() -> None:
+    import portal_pool.ray
+
+    public = {name for name in vars(portal_pool.ray) if not name.startswith("_")}
+    assert portal_pool.ray.__all__ == ["RayHost"]
+    assert public == {"RayHost"}
+    assert portal_pool.ray.RayHost.__module__.startswith("portal_pool")
+
+
 def test_version_comes_from_one_place() -> None:
     from importlib.metadata import version
 

@@ -240,7 +240,10 @@ def test_with_no_restarts_left_the_worker_is_broken_and_says_so(
         with pytest.raises(BrokenPortalPool):
             doomed.result(timeout=30)
         worker._exited.result(timeout=30)  # the feeder gave up
-        with pytest.raises(BrokenPortalPool, match="event loop has stopped"):
+        # Later work is refused, saying why.
+        with pytest.raises(
+            BrokenPortalPool, match=r"event loop has stopped: its actor died .*max_restarts=0"
+        ):
             pool.submit(os.getpid)
     assert any(
         "the worker is broken" in message and "max_restarts=0" in message
@@ -293,7 +296,7 @@ def test_a_done_callback_that_waits_for_its_worker_is_refused_not_hung(
 
 TWO_NODES = textwrap.dedent(
     """
-    import json, sys
+    import anyio, atexit, json, sys
     import ray
     from ray.cluster_utils import Cluster
     from portal_pool import PortalPool
@@ -303,6 +306,8 @@ TWO_NODES = textwrap.dedent(
         return ray.get_runtime_context().get_node_id()
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # Last, after the pool's own exit hook (see the end).
+    atexit.register(cluster.shutdown)
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
@@ -315,8 +320,13 @@ TWO_NODES = textwrap.dedent(
             mapped = sorted(set(pool.map(node_of_this_task_of, range(8))))
         found[backend] = {"nodes": nodes, "ran": ran, "mapped": mapped}
     print(json.dumps({"found": found, "cluster": sorted(n["NodeID"] for n in ray.nodes())}))
-    ray.shutdown()
-    cluster.shutdown()
+    # A pool left open, with a call running: the interpreter's exit lets it finish, as
+    # ThreadPoolExecutor does, then ends the actor, and does not hang.
+    pool = PortalPool(1, backend=sys.argv[1], host=RayHost(num_cpus=1))
+    sleeper = pool.submit(anyio.sleep, 0.5)
+    sleeper.add_done_callback(lambda f: print("left open:", f.result(), flush=True))
+    while not sleeper.running():
+        pass
     """
 ).replace("node_of_this_task_of", "lambda _: node_of_this_task()")
 
@@ -326,7 +336,8 @@ TWO_NODES = textwrap.dedent(
 @pytest.mark.timeout(180)
 def test_spread_places_workers_on_both_nodes_of_a_cluster(tmp_path: Any) -> None:
     # A cluster of its own, in a process of its own: this one is connected to the
-    # session's runtime, and a process joins one Ray cluster at a time.
+    # session's runtime, and a process joins one Ray cluster at a time. The script ends
+    # with a pool left open and a call running in it: it must still exit.
     script = tmp_path / "two_nodes.py"
     script.write_text(TWO_NODES)
     backends = [name for name in ("asyncio", "trio") if ray_support.installed(name)]
@@ -338,7 +349,9 @@ def test_spread_places_workers_on_both_nodes_of_a_cluster(tmp_path: Any) -> None
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    *_, line, left_open = result.stdout.strip().splitlines()
+    assert left_open == "left open: None"
+    report = json.loads(line)
     cluster = report["cluster"]
     assert len(cluster) == 2
     for backend in backends:
