@@ -220,6 +220,15 @@ class Samples:
     def empty(cls) -> Samples:
         return cls([], [], [], [], {1: [], 2: []})
 
+    def add(self, other: Samples) -> None:
+        """Put ``other``'s samples with these."""
+        self.start += other.start
+        self.round_trips += other.round_trips
+        self.submit += other.submit
+        self.map += other.map
+        for workers, rounds in other.cpu.items():
+            self.cpu[workers] += rounds
+
 
 def _cpu_round(
     pool: RayBenchPool, workers: int, tasks: int, iterations: int
@@ -357,6 +366,9 @@ def measure(counts: Counts) -> dict[str, Figures]:
     iterations = max(1, int(work.iterations_per_second() * counts.cpu_task_ms / 1000))
     loadavg_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     samples = {entrant.key: Samples.empty() for entrant in running}
+    # The shared contenders' samples of each phase alone, by phase: a Ray pool's ratios
+    # are taken against the bare actors' figures from its own phase.
+    by_phase: dict[str, dict[str, Samples]] = {}
     errors: dict[str, str] = {}
     with local_runtime() as (ray, init_s):
         _progress(f"ray.init: {init_s:.2f} s")
@@ -382,13 +394,23 @@ def measure(counts: Counts) -> dict[str, Figures]:
                 try:
                     with entrant.opened(ray, bare_class, WORKERS) as own:
                         pools = {**shared, entrant.key: own}
-                        _phase(pools, samples, counts, iterations)
+                        taken = {key: Samples.empty() for key in pools}
+                        _phase(pools, taken, counts, iterations)
+                    by_phase[entrant.key] = taken
+                    for key, phase_samples in taken.items():
+                        samples[key].add(phase_samples)
                 except Exception as exc:  # one failed phase doesn't lose the other
                     errors[entrant.key] = f"{type(exc).__name__}: {exc}"
                 _progress(f"phase {entrant.label} done")
         loadavg_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for entrant in running:
         figures[entrant.key] = _figures(entrant, samples[entrant.key], counts)
+        if entrant.kind != "ray" and by_phase:
+            figures[entrant.key]["phases"] = {
+                phase: _figures(entrant, taken[entrant.key], counts)
+                for phase, taken in by_phase.items()
+                if entrant.key in taken
+            }
         if entrant.key in errors:
             figures[entrant.key]["error"] = errors[entrant.key]
         _progress(f"{entrant.label}: " + _shown(figures[entrant.key]))

@@ -382,6 +382,20 @@ def process_targets(counts: Counts) -> list[Target]:
     return rows
 
 
+def _vs_bare_of_phase(key: str, field: str) -> Measure:
+    """A Ray pool's ``field`` ÷ the bare Ray actors' in the same phase (see
+    ``bench/ray_case.py``), or over every phase where there is none."""
+
+    def measure(results: Results) -> float | None:
+        bare = results.get("ray", {}).get("bare", {})
+        reference = bare.get("phases", {}).get(key, {}).get(field, bare.get(field))
+        return _ratio(
+            _get(results, "ray", key, field), None if reference is None else float(reference)
+        )
+
+    return measure
+
+
 def ray_targets() -> list[Target]:
     """The Ray host's targets (issue 12), for each of its backends, from the ray case. The
     round trip's bound is for an asyncio worker; trio's round trip is shown, not checked."""
@@ -394,7 +408,7 @@ def ray_targets() -> list[Target]:
                     "round trip p50 ÷ bare Ray async actors",
                     case,
                     key,
-                    _vs(case, key, "p50_us", "bare"),
+                    _vs_bare_of_phase(key, "p50_us"),
                     False,
                     1.3,
                     TIMES,
@@ -405,7 +419,7 @@ def ray_targets() -> list[Target]:
                 "submit throughput ÷ bare Ray async actors",
                 case,
                 key,
-                _vs(case, key, "submit_items_per_s", "bare"),
+                _vs_bare_of_phase(key, "submit_items_per_s"),
                 True,
                 0.8,
                 TIMES,
@@ -921,7 +935,8 @@ def _ray_cell(figures: dict[str, dict[str, Any]], key: str, field: str, unit: st
     if value is None:
         return "failed" if "error" in mine else "—"
     cell = _fmt(float(value), unit)
-    reference = figures.get("bare", {}).get(field)
+    bare = figures.get("bare", {})
+    reference = bare.get("phases", {}).get(key, {}).get(field, bare.get(field))
     if key != "bare" and reference and unit != TIMES:
         cell += f" ({float(value) / float(reference):.2f}{TIMES})"
     if field == "cpu_speedup" and mine.get("cpu_per_wall") is not None:
@@ -985,17 +1000,19 @@ def render_ray(
         f"(`ray.init(num_cpus={setup.get('ray_cpus', 2)}, include_dashboard=False)`"
         + (f", {init:.1f} s" if init is not None else "")
         + f").{load} Ratios in parentheses are contender ÷ bare Ray async actors, from the "
-        "same run. The bare actors are 2 actors of a class whose `async def call(self, fn, "
+        "same run (for a Ray pool, from the same phase). The bare actors are 2 actors of a "
+        "class whose `async def call(self, fn, "
         "*args)` awaits `fn(*args)`, with Ray's default options; the PortalPool contenders "
         "are `PortalPool(2, backend=..., host=RayHost(num_cpus=1))`. Each Ray pool's actors "
         "take the runtime's 2 CPUs, so the Ray pools are measured one after the other, each "
         "in a phase of its own; the bare actors (which hold no CPU once placed, as Ray's "
         "actors do by default) and the thread pool stay open and take part in both phases, "
-        "and their samples from both are put together. Within a phase, the contenders run "
+        "and their columns put the samples of both together; a Ray pool's ratio is against "
+        "the bare actors' figure from its own phase. Within a phase, the contenders run "
         "alternating rounds. Submit: the no-ops are submitted round robin over the 2 "
         "workers, then every result is awaited (bare: `.remote()` round robin, then one "
-        f"`ray.get` of all); best of {2 * counts.repeats} rounds for the bare actors and "
-        f"threads, {counts.repeats} for each Ray pool. ⁹ The bare actors have no map: "
+        f"`ray.get` of all); best of {counts.repeats} rounds per phase. ⁹ The bare actors "
+        "have no map: "
         "their row is a hand-made chunk, one `call_chunk(fn, items)` per 512 items that "
         "gathers them in the actor's loop, all chunks sent round robin, then one `ray.get`. "
         f"¹⁰ `pool.run(noop)` or `ray.get(actor.call.remote(noop))` one at a time, "
