@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from functools import partial
 from time import perf_counter
 from typing import Any, Protocol
@@ -415,6 +416,7 @@ def measure(counts: Counts) -> dict[str, Figures]:
             figures[entrant.key]["error"] = errors[entrant.key]
         _progress(f"{entrant.label}: " + _shown(figures[entrant.key]))
     figures["_setup"] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "ray_version": importlib.import_module("ray").__version__,
         "ray_cpus": RAY_CPUS,
         "ray_init_s": init_s,
@@ -450,5 +452,7 @@ def _shown(values: dict[str, Any]) -> str:
     return ", ".join(
         f"{key}={value:,.3f}" if isinstance(value, float) else f"{key}={value}"
         for key, value in values.items()
-        if not isinstance(value, list) or key in ("bare", "ray_asyncio", "ray_trio", "threads")
+        # the samples and the per-phase figures stay in the JSON
+        if not isinstance(value, (list, dict))
+        or key in ("bare", "ray_asyncio", "ray_trio", "threads")
     )

@@ -994,9 +994,10 @@ def render_ray(
         else ""
     )
     init = setup.get("ray_init_s")
+    measured = f"Measured {setup['date']}; " if setup.get("date") else ""
     lines += [
         "",
-        f"Ray {setup.get('ray_version', '?')}, a local runtime started by the case "
+        f"{measured}Ray {setup.get('ray_version', '?')}, a local runtime started by the case "
         f"(`ray.init(num_cpus={setup.get('ray_cpus', 2)}, include_dashboard=False)`"
         + (f", {init:.1f} s" if init is not None else "")
         + f").{load} Ratios in parentheses are contender ÷ bare Ray async actors, from the "
