@@ -1,6 +1,7 @@
 """The ``ray`` case: workers in Ray actors, 2 of them in every contender, on a local Ray
-runtime that the case starts (``ray.init(num_cpus=2, include_dashboard=False)``) and shuts
-down at the end. Skipped, with the reason printed, where Ray is not installed.
+runtime that the case starts (``ray.init(address="local", num_cpus=2,
+include_dashboard=False)``) and shuts down at the end. Skipped, with the reason printed,
+where Ray is not installed.
 
 Contenders:
 
@@ -335,7 +336,9 @@ def local_runtime() -> Iterator[tuple[Any, float]]:
     os.environ["PYTHONPATH"] = subprocess_env()["PYTHONPATH"]
     try:
         start = perf_counter()
-        ray.init(num_cpus=RAY_CPUS, include_dashboard=False)
+        # address="local": a runtime of its own, even where `ray start` left one running
+        # on this machine, which ray.init() would join instead.
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)
         init_s = perf_counter() - start
     finally:
         if saved is None:

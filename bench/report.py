@@ -998,7 +998,8 @@ def render_ray(
     lines += [
         "",
         f"{measured}Ray {setup.get('ray_version', '?')}, a local runtime started by the case "
-        f"(`ray.init(num_cpus={setup.get('ray_cpus', 2)}, include_dashboard=False)`"
+        f'(`ray.init(address="local", num_cpus={setup.get("ray_cpus", 2)}, '
+        "include_dashboard=False)`"
         + (f", {init:.1f} s" if init is not None else "")
         + f").{load} Ratios in parentheses are contender ÷ bare Ray async actors, from the "
         "same run (for a Ray pool, from the same phase). The bare actors are 2 actors of a "
