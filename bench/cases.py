@@ -56,6 +56,10 @@ class Counts:
     cpu_task_ms: int = 125
     #: aiomultiprocess polls, so its round trips take milliseconds: fewer of them
     amp_latency_calls: int = 100
+    #: the ray case: a Ray call takes about a millisecond, so fewer per-item calls
+    ray_noops: int = 3_000
+    ray_latency_calls: int = 1_000
+    ray_latency_warmup: int = 100
 
     def scaled(self, divisor: int) -> Counts:
         """Every count divided by ``divisor`` (chunk and buffer sizes stay)."""
@@ -71,6 +75,9 @@ class Counts:
             skew_tasks=self.skew_tasks // divisor,
             cpu_task_ms=self.cpu_task_ms // divisor,
             amp_latency_calls=self.amp_latency_calls // divisor,
+            ray_noops=self.ray_noops // divisor,
+            ray_latency_calls=self.ray_latency_calls // divisor,
+            ray_latency_warmup=self.ray_latency_warmup // divisor,
         )
 
 
@@ -175,6 +182,14 @@ def rotating_round_trips(
     calls each in a rotating order: a change in the machine's load during the pass falls
     on all of them alike. Idle contenders wait in epoll and take no CPU from the one being
     measured. p50, p99 and mean in µs, by key."""
+    taken = rotating_samples(calls, counts)
+    return {key: latency_figures(samples) for key, samples in taken.items()}
+
+
+def rotating_samples(
+    calls: dict[str, Callable[[], object]], counts: Counts
+) -> dict[str, list[int]]:
+    """The round trips of :func:`rotating_round_trips`, in ns, by key."""
     per_turn = max(1, counts.latency_calls // LATENCY_TURNS)
     samples: dict[str, list[int]] = {key: [] for key in calls}
     for call in calls.values():
@@ -190,7 +205,7 @@ def rotating_round_trips(
                 start = perf_counter_ns()
                 call()
                 bucket.append(perf_counter_ns() - start)
-    return {key: latency_figures(taken) for key, taken in samples.items()}
+    return samples
 
 
 def latency_figures(taken: list[int]) -> Figures:
@@ -442,6 +457,14 @@ def bench_processes(counts: Counts) -> dict[str, Figures]:
     return measure(counts)
 
 
+def bench_ray(counts: Counts) -> dict[str, Figures]:
+    """Workers in Ray actors: PortalPool's Ray host, bare Ray async actors and PortalPool
+    on threads, on a local Ray runtime the case starts (``bench/ray_case.py``)."""
+    from .ray_case import measure  # it imports this module: loaded on first use
+
+    return measure(counts)
+
+
 def bench_failures(counts: Counts) -> dict[str, Figures]:
     """What a child's death, Ctrl-C, an unpicklable argument and ``cancel()`` do to each
     process pool (``bench/failures.py``). Nothing in it scales with ``counts``."""
@@ -467,9 +490,10 @@ CASES: dict[str, tuple[str, Case | GroupCase | OwnCase]] = {
     "skew": ("least_loaded vs round_robin on a skewed load", bench_skew),
     "limits": ("cost of max_concurrency and max_pending", bench_limits),
     "processes": ("workers in child processes", bench_processes),
+    "ray": ("workers in Ray actors, on a local Ray runtime", bench_ray),
     "failures": ("what happens when a child dies, Ctrl-C, ...", bench_failures),
 }
 #: the cases that are GroupCases
 GROUP_CASES = frozenset({"latency"})
 #: the cases that are OwnCases
-OWN_CASES = frozenset({"processes", "failures"})
+OWN_CASES = frozenset({"processes", "ray", "failures"})

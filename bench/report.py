@@ -17,6 +17,7 @@ from typing import Any
 from .cases import LATENCY_TURNS, Counts
 from .contenders import Contender
 from .processes import PROCESS_CONTENDERS
+from .ray_case import RAY_CONTENDERS
 
 #: results[case][contender key] -> that case's figures for that contender
 Results = dict[str, dict[str, dict[str, Any]]]
@@ -89,6 +90,7 @@ def machine_info() -> dict[str, Any]:
             "trio": _version("trio"),
             "uvloop": _version("uvloop"),
             "aiomultiprocess": _version("aiomultiprocess"),
+            "ray": _version("ray"),
         },
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -380,9 +382,74 @@ def process_targets(counts: Counts) -> list[Target]:
     return rows
 
 
+def _vs_bare_of_phase(key: str, field: str) -> Measure:
+    """A Ray pool's ``field`` ÷ the bare Ray actors' in the same phase (see
+    ``bench/ray_case.py``), or over every phase where there is none."""
+
+    def measure(results: Results) -> float | None:
+        bare = results.get("ray", {}).get("bare", {})
+        reference = bare.get("phases", {}).get(key, {}).get(field, bare.get(field))
+        return _ratio(
+            _get(results, "ray", key, field), None if reference is None else float(reference)
+        )
+
+    return measure
+
+
+def ray_targets() -> list[Target]:
+    """The Ray host's targets (issue 12), for each of its backends, from the ray case. The
+    round trip's bound is for an asyncio worker; trio's round trip is shown, not checked."""
+    rows: list[Target] = []
+    case = "ray"
+    for key in ("ray_asyncio", "ray_trio"):
+        if key == "ray_asyncio":
+            rows.append(
+                Target(
+                    "round trip p50 ÷ bare Ray async actors",
+                    case,
+                    key,
+                    _vs_bare_of_phase(key, "p50_us"),
+                    False,
+                    1.3,
+                    TIMES,
+                )
+            )
+        rows += [
+            Target(
+                "submit throughput ÷ bare Ray async actors",
+                case,
+                key,
+                _vs_bare_of_phase(key, "submit_items_per_s"),
+                True,
+                0.8,
+                TIMES,
+            ),
+            Target(
+                "map (chunksize 512) throughput ÷ its own per-item submit",
+                case,
+                key,
+                _figure(case, key, "map_per_submit"),
+                True,
+                30.0,
+                TIMES,
+            ),
+            Target(
+                "pure-Python CPU coroutines, 2 ÷ 1 workers",
+                case,
+                key,
+                _figure(case, key, "cpu_speedup"),
+                True,
+                1.8,
+                TIMES,
+            ),
+        ]
+    return rows
+
+
 def check_targets(results: Results, counts: Counts) -> list[dict[str, Any]]:
     """Every target whose case ran in this run."""
-    checked = (target.check(results) for target in [*targets(counts), *process_targets(counts)])
+    every = [*targets(counts), *process_targets(counts), *ray_targets()]
+    checked = (target.check(results) for target in every)
     return [row for row in checked if row is not None]
 
 
@@ -627,7 +694,7 @@ def render_sections(
         ),
     ]
     packages = machine["packages"]
-    own = {"processes", "failures"}
+    own = {"processes", "ray", "failures"}
     header = (
         f"Measured {machine['date']} on {machine['cpu_model']}, nproc {machine['nproc']}, "
         f"{machine['platform']}, {machine['python']} "
@@ -638,6 +705,7 @@ def render_sections(
             if own & set(results)
             else ""
         )
+        + (f", ray {packages.get('ray', 'not installed')}" if "ray" in results else "")
         + f", portal_pool {packages['portal_pool']} {packages['portal_pool_source']}"
         ". One process, one run of `python -m bench"
         f"{' --quick' if quick else ''}`; every contender has 2 workers"
@@ -659,6 +727,9 @@ def render_sections(
     if results.get("processes"):
         process_checks = [check for check in checks if check.get("case") == "processes"]
         sections.append(render_processes(results["processes"], counts, process_checks))
+    if results.get("ray"):
+        ray_checks = [check for check in checks if check.get("case") == "ray"]
+        sections.append(render_ray(results["ray"], counts, ray_checks))
     if results.get("failures"):
         from .failures import HARD_TIMEOUT
 
@@ -853,6 +924,114 @@ def render_processes(
         "children's row is the larger of the two children's VmHWM after the map (read from "
         "/proc of `pool.workers[i].pid`), and in brackets the larger growth over the map. "
         f"Throughput: best of {counts.repeats} on one warmed-up pool.",
+        *_skipped_note(figures, labels),
+    ]
+    return "\n".join(lines)
+
+
+def _ray_cell(figures: dict[str, dict[str, Any]], key: str, field: str, unit: str) -> str:
+    mine = figures.get(key, {})
+    value = mine.get(field)
+    if value is None:
+        return "failed" if "error" in mine else "—"
+    cell = _fmt(float(value), unit)
+    bare = figures.get("bare", {})
+    reference = bare.get("phases", {}).get(key, {}).get(field, bare.get(field))
+    if key != "bare" and reference and unit != TIMES:
+        cell += f" ({float(value) / float(reference):.2f}{TIMES})"
+    if field == "cpu_speedup" and mine.get("cpu_per_wall") is not None:
+        notes = [f"{mine['cpu_per_wall']:.2f} CPU/wall"]
+        if mine.get("others_cpu_per_wall") is not None:
+            notes.append(f"others {mine['others_cpu_per_wall']:.2f}")
+        cell += f" [{', '.join(notes)}]"
+    return cell
+
+
+def render_ray(
+    figures: dict[str, dict[str, Any]], counts: Counts, checks: list[dict[str, Any]]
+) -> str:
+    """The Ray table, its targets and its notes."""
+    labels = {entrant.key: entrant.label for entrant in RAY_CONTENDERS}
+    columns = [
+        entrant
+        for entrant in RAY_CONTENDERS
+        if entrant.key in figures and "skipped" not in figures[entrant.key]
+    ]
+    lines = ["### Ray", ""]
+    if not columns:
+        return "\n".join([*lines, "Nothing measured.", *_skipped_note(figures, labels)])
+    setup = figures.get("_setup", {})
+    n = f"{setup.get('noops', counts.ray_noops):,}"
+    items = f"{setup.get('map_items', counts.noops):,}"
+    tasks = f"{counts.cpu_tasks} pure-Python CPU coroutines¹²"
+    rows = [
+        (f"submit: {n} no-ops, items/s", "submit_items_per_s", "items/s"),
+        (
+            f"map: {items} no-ops, chunksize={counts.chunksize}⁹, items/s",
+            "map_items_per_s",
+            "items/s",
+        ),
+        ("map ÷ per-item submit", "map_per_submit", TIMES),
+        ("round trip p50¹⁰, µs", "p50_us", "µs"),
+        ("round trip p99¹⁰, µs", "p99_us", "µs"),
+        (f"{tasks} on 1 worker, wall s", "cpu_one_s", "s"),
+        (f"{tasks} on 2 workers, wall s", "cpu_two_s", "s"),
+        (f"{tasks}: 1 → 2 workers speedup [CPU/wall, others]", "cpu_speedup", TIMES),
+        ("2 workers from the constructor to their first results¹¹, s", "start_s", "s"),
+    ]
+    lines += [
+        "| figure | " + " | ".join(entrant.label for entrant in columns) + " |",
+        "| --- |" + " ---: |" * len(columns),
+    ]
+    for label, field, unit in rows:
+        cells = [_ray_cell(figures, entrant.key, field, unit) for entrant in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _targets_table(checks)
+    start, end = setup.get("loadavg_1m_start"), setup.get("loadavg_1m_end")
+    load = (
+        f" 1-minute load average {start:.2f} when the case started, {end:.2f} when it ended."
+        if start is not None and end is not None
+        else ""
+    )
+    init = setup.get("ray_init_s")
+    measured = f"Measured {setup['date']}; " if setup.get("date") else ""
+    lines += [
+        "",
+        f"{measured}Ray {setup.get('ray_version', '?')}, a local runtime started by the case "
+        f'(`ray.init(address="local", num_cpus={setup.get("ray_cpus", 2)}, '
+        "include_dashboard=False)`"
+        + (f", {init:.1f} s" if init is not None else "")
+        + f").{load} Ratios in parentheses are contender ÷ bare Ray async actors, from the "
+        "same run (for a Ray pool, from the same phase). The bare actors are 2 actors of a "
+        "class whose `async def call(self, fn, "
+        "*args)` awaits `fn(*args)`, with Ray's default options; the PortalPool contenders "
+        "are `PortalPool(2, backend=..., host=RayHost(num_cpus=1))`. Each Ray pool's actors "
+        "take the runtime's 2 CPUs, so the Ray pools are measured one after the other, each "
+        "in a phase of its own; the bare actors (which hold no CPU once placed, as Ray's "
+        "actors do by default) and the thread pool stay open and take part in both phases, "
+        "and their columns put the samples of both together; a Ray pool's ratio is against "
+        "the bare actors' figure from its own phase. Within a phase, the contenders run "
+        "alternating rounds. Submit: the no-ops are submitted round robin over the 2 "
+        "workers, then every result is awaited (bare: `.remote()` round robin, then one "
+        f"`ray.get` of all); best of {counts.repeats} rounds per phase. ⁹ The bare actors "
+        "have no map: "
+        "their row is a hand-made chunk, one `call_chunk(fn, items)` per 512 items that "
+        "gathers them in the actor's loop, all chunks sent round robin, then one `ray.get`. "
+        f"¹⁰ `pool.run(noop)` or `ray.get(actor.call.remote(noop))` one at a time, "
+        f"{counts.ray_latency_calls:,} calls per phase after {counts.ray_latency_warmup} "
+        "warm-up, every contender of the phase taking turns in a rotating order. ¹¹ From "
+        "`PortalPool(...)` (bare: the actors' `.remote()`) to one no-op's result from each "
+        "worker, with the Ray runtime already running; best of "
+        f"{counts.repeats} alternating samples, each pool alone on the runtime's CPUs. "
+        f"¹² Each coroutine is a pure-Python loop of "
+        f"{setup.get('cpu_task_iterations') or 0:,} iterations, about "
+        f"{counts.cpu_task_ms} ms on one core here, that never awaits. 1 worker: all "
+        f"{counts.cpu_tasks} sent to the first worker (`pool.workers[0].submit`; bare: the "
+        "first actor) of the same 2-worker pool; 2 workers: round robin over both; "
+        "alternating rounds, best ÷ best. CPU/wall: user + system CPU seconds of the bench "
+        "process and all its descendants, the Ray runtime's processes included, in the "
+        "best 2-worker round ÷ its wall time. Others: the CPU the rest of the machine used "
+        "in that round ÷ its wall time.",
         *_skipped_note(figures, labels),
     ]
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from .cases import (
 )
 from .contenders import CONTENDERS, Contender
 from .processes import PROCESS_CONTENDERS
+from .ray_case import RAY_CONTENDERS
 from .report import (
     Results,
     check_targets,
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             "counts": vars(counts),
             "contenders": {c.key: c.label for c in contenders},
             "process_contenders": {c.key: c.label for c in PROCESS_CONTENDERS},
+            "ray_contenders": {c.key: c.label for c in RAY_CONTENDERS},
             "results": results,
             "targets": checks,
             "problems": problems,

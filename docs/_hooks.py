@@ -6,7 +6,7 @@
   ``img/throughput.png``.
 - ``<!-- readme:section NAME -->`` becomes the body of the README's ``## NAME`` section.
   Links to anchors of the README itself lose their target (they would point nowhere on
-  the site) and keep their text.
+  the site) and keep their text; links to ``docs/PAGE.md`` become links to ``PAGE.md``.
 
 So the site never disagrees with the README. A README without the markers or the section,
 or a missing chart, fails the build instead of publishing an empty page.
@@ -32,6 +32,8 @@ PLACEHOLDER = "<!-- readme:bench -->"
 BENCH_BLOCK = re.compile(r"<!-- bench:start -->\n(.*?)<!-- bench:end -->", re.DOTALL)
 SECTION_PLACEHOLDER = re.compile(r"<!-- readme:section (.+?) -->")
 README_ANCHOR_LINK = re.compile(r"\[([^\]]+)\]\(#[^)]*\)")
+# A README link to a page of the site, ``(docs/hosts.md)``: on the site the page is a sibling.
+README_DOCS_LINK = re.compile(r"\]\(docs/")
 
 
 def readme_bench_block() -> str:
@@ -48,7 +50,8 @@ def readme_section(title: str) -> str:
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
     if match is None:
         raise PluginError(f"{README} has no '## {title}' section")
-    return README_ANCHOR_LINK.sub(r"\1", match[1]).strip() + "\n"
+    body = README_DOCS_LINK.sub("](", README_ANCHOR_LINK.sub(r"\1", match[1]))
+    return body.strip() + "\n"
 
 
 def on_files(files: Files, config: MkDocsConfig, **kwargs: Any) -> Files:

@@ -45,6 +45,8 @@ def test_site_builds_with_every_page(site: Path) -> None:
         "index.html",
         "getting-started/index.html",
         "concepts/index.html",
+        "hosts/index.html",
+        "ray/index.html",
         "cancellation/index.html",
         "flow-control/index.html",
         "worker-resources/index.html",
