@@ -115,8 +115,9 @@ class RayHost:
             # No limit of Ray's on the calls running at once: max_concurrency is the
             # pool's own credit window, in this process.
             "max_concurrency": _RAY_CALLS_MAX,
-            # A name shows whose actor it is, in Ray's dashboard and list_named_actors().
-            "name": f"portal_pool-{uuid.uuid4().hex[:12]}-{worker.index}",
+            # A name shows whose actor it is, in Ray's dashboard and list_named_actors():
+            # the pool's thread_name_prefix, as for its threads and worker processes.
+            "name": f"{settings.thread_name_prefix}-{uuid.uuid4().hex[:12]}-{worker.index}",
         }
         actor = self._actor_class.options(**options)
         return RayLoop(worker, settings, ray, actor, self.max_restarts)

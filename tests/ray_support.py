@@ -59,8 +59,12 @@ def actor_state(actor_id: str) -> str:
 
 
 def live_pool_actors() -> set[str]:
-    """The names of the pools' actors that Ray knows alive, if this process uses Ray."""
+    """The names of the pools' actors that Ray knows alive, if this process uses Ray.
+
+    Named after their pool's thread_name_prefix: those of the kept pools (see kept_pool
+    in conftest), which outlive a test on purpose, do not match.
+    """
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return set()
-    return {name for name in ray.util.list_named_actors() if name.startswith("portal_pool-")}
+    return {name for name in ray.util.list_named_actors() if name.startswith("portal_pool")}
