@@ -109,9 +109,17 @@ class _FutureCondition:
         if parked is None:
             parked = self._parked = deque()
         parked.append(waiter)
-        saved = self._lock._release_save()  # type: ignore[attr-defined]
+        lock = self._lock
+        # How to take the lock back, known before letting go of it: a Ctrl-C is raised as
+        # _release_save() returns, before its value is stored, if it arrived meanwhile
+        # (the free-threaded build shows it), and the finally must still restore the lock
+        # for the caller's `with` to release. Python 3.10 has no _recursion_count: one
+        # level, what Future.result() and exception() hold.
+        count = getattr(lock, "_recursion_count", lambda: 1)()
+        saved = (count, get_ident())
         notified = False
         try:
+            saved = lock._release_save()  # type: ignore[attr-defined]
             # A cancel handed over by a call that interrupted the caller's check of the
             # state, before this wait: run now, it notifies the waiter parked above.
             if self._handed_over is not None:
@@ -125,7 +133,8 @@ class _FutureCondition:
                 notified = bool(waiter.acquire(False))
             return notified
         finally:
-            self._lock._acquire_restore(saved)  # type: ignore[attr-defined]
+            if not lock._is_owned():  # type: ignore[attr-defined]  # (not if interrupted before)
+                lock._acquire_restore(saved)  # type: ignore[attr-defined]
             if not notified:
                 # Timed out. If notify_all took this deque meanwhile, it is done with it
                 # (it runs under the lock we just got back), so removing is harmless.

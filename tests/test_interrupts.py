@@ -18,9 +18,11 @@ import pytest
 
 import portal_pool
 from portal_pool import PortalPool
+from portal_pool._flow import PendingLimit
+from portal_pool._future import _FutureCondition
 
 from .conftest import requires_trio
-from .helpers import at_line
+from .helpers import at_line, loop_held, raised_after_call
 
 PACKAGE = os.path.dirname(portal_pool.__file__)
 STDLIB_LOCKS = (os.path.join("concurrent", "futures"), f"{os.sep}threading.py")
@@ -245,3 +247,56 @@ def test_ctrl_c_between_recording_a_stop_and_sending_it(
     assert cleaned_up.wait(10), "the stop never reached the loop"
     pool.shutdown()
     assert future.cancelled()
+
+
+def test_ctrl_c_as_a_future_wait_lets_go_of_its_lock(
+    make_pool: Callable[..., PortalPool[Any]],
+) -> None:
+    """A Ctrl-C that lands as ``future.result()``'s wait has just let go of the future's
+    lock, before it has stored how to take it back: the wait takes it back all the same,
+    so ``result()`` raises the KeyboardInterrupt (not "cannot release un-acquired lock")
+    and the lock is free for the worker that settles the future.
+
+    Seen on the free-threaded build, where a Ctrl-C sent as the main thread begins to
+    wait often lands there.
+    """
+    pool = make_pool(1)
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    with loop_held(pool.submit) as holder:
+        with (
+            raised_after_call(_FutureCondition.wait.__code__, "_release_save()", interrupt),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            holder.result()
+        assert _lock_is_free(holder._condition)
+    assert holder.result(timeout=10) is None
+
+
+def test_ctrl_c_as_a_full_pools_wait_lets_go_of_its_lock(
+    make_pool: Callable[..., PortalPool[Any]],
+) -> None:
+    """The same for a ``submit`` waiting for room in a full pool (``max_pending``): a
+    Ctrl-C landing as the wait has let go of the limit's lock leaves it free, and the
+    room counted as it was."""
+    pool = make_pool(1, max_pending=1)
+    limit = pool._pending_limit
+    assert limit is not None
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    with loop_held(pool.submit) as holder:
+        with (
+            raised_after_call(PendingLimit._wait.__code__, "self._lock.release()", interrupt),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            pool.submit(anyio.sleep, 0)
+        assert _lock_is_free(limit._lock)
+        assert limit.count == 1  # the holder's room; the interrupted submit took none
+    assert holder.result(timeout=10) is None
+    assert pool.submit(anyio.sleep, 0).result(timeout=10) is None
+    pool.shutdown()
+    assert limit.count == 0
