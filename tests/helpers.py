@@ -9,6 +9,12 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from concurrent.futures._base import (  # the states are not re-exported publicly
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
 from contextlib import contextmanager
 from types import CodeType, FrameType
 from typing import Any
@@ -156,3 +162,23 @@ def _offset_after_call(code: CodeType, fragment: str) -> int:
     if found is None:
         raise LookupError(f"no call on a line containing {fragment!r} in {code.co_name}")
     return found
+
+
+def cancel_and_classify(future: Future[Any]) -> str:
+    """Cancel a pool's future; return the state that ``cancel()`` found it in: ``PENDING``
+    (so its task never starts), ``RUNNING``, ``FINISHED`` (too late) or
+    ``CANCELLED_AND_NOTIFIED`` (cancelled before).
+
+    Read after the call, from the future's ``_started``, which is set under the future's
+    lock as it turns ``RUNNING``, and never again: a cancel that found it pending leaves it
+    unset for good. Reading the state first, with the future's lock held across the call,
+    would not freeze it: a cancel from the thread that holds the lock is handed over until
+    it lets go (as a signal handler's is), and the loop may start or finish the task in
+    between, which the free-threaded build shows.
+    """
+    if future.cancelled():
+        future.cancel()
+        return CANCELLED_AND_NOTIFIED
+    if not future.cancel():
+        return FINISHED
+    return RUNNING if future._started else PENDING  # type: ignore[attr-defined]

@@ -30,7 +30,6 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, wait
-from concurrent.futures._base import PENDING  # the states are not re-exported publicly
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +37,8 @@ import anyio
 import pytest
 
 from portal_pool import PortalPool
+
+from .helpers import FINISHED, PENDING, cancel_and_classify
 
 SUBMITTERS = 16
 #: of the submitters, how many call shutdown at the same moment
@@ -193,14 +194,11 @@ class Submitter:
             self.cancel_one(future, task_id)
 
     def cancel_one(self, future: Future[Any], task_id: int) -> None:
-        # The future's (reentrant) lock freezes the state that cancel() acts on.
-        with future._condition:  # type: ignore[attr-defined]
-            state = future._state  # type: ignore[attr-defined]
-            cancelled = future.cancel()
-        if cancelled:
+        state = cancel_and_classify(future)
+        if state != FINISHED:
             self.shared.cancelled_by_threads.append(future)
-            if state == PENDING:
-                self.shared.never_start.append(task_id)
+        if state == PENDING:
+            self.shared.never_start.append(task_id)
 
     def map(self) -> None:
         shared, rng = self.shared, self.rng
