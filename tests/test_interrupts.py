@@ -20,6 +20,7 @@ import portal_pool
 from portal_pool import PortalPool
 from portal_pool._flow import PendingLimit
 from portal_pool._future import _FutureCondition
+from portal_pool._lifecycle import wait_done
 
 from .conftest import requires_trio
 from .helpers import at_line, loop_held, raised_after_call
@@ -300,3 +301,51 @@ def test_ctrl_c_as_a_full_pools_wait_lets_go_of_its_lock(
     assert pool.submit(anyio.sleep, 0).result(timeout=10) is None
     pool.shutdown()
     assert limit.count == 0
+
+
+def test_ctrl_c_as_shutdown_waits_for_the_workers(
+    make_pool: Callable[..., PortalPool[Any]],
+) -> None:
+    """The main thread's wait for the workers parks on a plain lock, never in
+    ``threading.Condition.wait``: a Ctrl-C raised there as it has let go of its lock (a
+    thread watching this one sends it just then on the free-threaded build) leaves the
+    lock released, and the wait fails with "release unlocked lock" instead of raising the
+    KeyboardInterrupt. One landing as the plain lock's wait returns is the first Ctrl-C:
+    it cancels the work, waits for its clean-up, and is raised."""
+    pool = make_pool(1)
+    running = threading.Event()
+    cleaned: list[bool] = []
+
+    async def task() -> None:
+        running.set()
+        try:
+            await anyio.sleep(3600)
+        finally:
+            cleaned.append(True)
+
+    pool.submit(task)
+    assert running.wait(10)
+    condition_waits: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code is threading.Condition.wait.__code__:
+            condition_waits.append(frame.f_back.f_code.co_name if frame.f_back else "?")
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    constants = wait_done.__code__.co_consts
+    # The lambda that waits one slice.
+    (wait_slice,) = [code for code in constants if "seconds" in getattr(code, "co_varnames", ())]
+    sys.setprofile(profile)
+    try:
+        with (
+            raised_after_call(wait_slice, "done.acquire(True, seconds)", interrupt),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            pool.shutdown()
+    finally:
+        sys.setprofile(None)
+    assert condition_waits == []
+    assert cleaned == [True]
+    assert pool.workers[0]._exited.done()
