@@ -113,7 +113,12 @@ class Submitter:
         self.shared = shared
         self.index = index
         self.rng = random.Random(shared.seed * 100 + index)
-        self.refused = False  # a submit was refused: every later one must be too
+        # Where a submit was refused: "pool", or a worker's index for Worker.submit. A
+        # refused entry refuses every later submit; after any refusal the pool's own
+        # entries do too (the pool is shut down before its workers close, one by one,
+        # so a worker not closed yet may still take a call of its own: it then runs, or
+        # is cancelled with the rest).
+        self.refused: set[object] = set()
 
     def run(self) -> None:
         shared = self.shared
@@ -155,14 +160,14 @@ class Submitter:
         else:
             self.check_stats()
 
-    def refusal(self, exc: RuntimeError) -> None:
+    def refusal(self, exc: RuntimeError, entry: object = "pool") -> None:
         """A RuntimeError from submitting: only ever after a shutdown began."""
         if SHUTDOWN_MESSAGE not in str(exc) or not self.shared.shutdown_begun.is_set():
             raise exc
-        self.refused = True
+        self.refused.add(entry)
 
-    def accepted(self, what: str) -> None:
-        if self.refused:
+    def accepted(self, what: str, entry: object = "pool") -> None:
+        if entry in self.refused or (entry == "pool" and self.refused):
             raise AssertionError(f"{what} accepted after an earlier submit was refused")
 
     def submit(self) -> None:
@@ -171,16 +176,17 @@ class Submitter:
         kind = rng.choice(("ok", "ok", "fail", "sync"))
         workers = shared.pool.workers
         pin = rng.random() < 0.2
-        submit = workers[rng.randrange(len(workers))].submit if pin else shared.pool.submit
+        entry: object = rng.randrange(len(workers)) if pin else "pool"
+        submit = workers[entry].submit if isinstance(entry, int) else shared.pool.submit
         try:
             if kind == "sync":
                 future = submit(sync_task, shared.started, task_id)
             else:
                 future = submit(task, shared.started, task_id, kind == "fail")
         except RuntimeError as exc:
-            self.refusal(exc)
+            self.refusal(exc, entry)
             return
-        self.accepted("a submit")
+        self.accepted("a submit", entry)
         if pin:
             shared.pinned.append(future)
         shared.submitted.append((future, task_id, kind == "fail"))
