@@ -18,23 +18,73 @@ PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 AVAILABLE = [version for version in PYTHONS if shutil.which(f"python{version}")] or None
 TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"]
 
+# Free-threaded builds, and where ../shared/tools/build-freethreaded-python.sh installs them
+# when they are not on PATH.
+FREE_THREADED = {
+    "3.13t": "/opt/cpython-3.13t/bin/python3.13t",
+    "3.14t": "/opt/cpython-3.14t/bin/python3.14t",
+}
+# A directory on PATH holding only links to those: their own bin/ also has a python3 and
+# a python3.13 (free-threaded too) that would shadow the normal builds if it were on PATH.
+FREE_THREADED_BIN = Path(".nox", "free-threaded-bin")
+
+
+def _free_threaded_pythons() -> list[str]:
+    """The free-threaded interpreters found, put on PATH for nox to find by version."""
+    found = []
+    for version, installed in FREE_THREADED.items():
+        program = f"python{version}"
+        if shutil.which(program) is None and os.access(installed, os.X_OK):
+            FREE_THREADED_BIN.mkdir(parents=True, exist_ok=True)
+            link = FREE_THREADED_BIN / program
+            if not link.is_symlink():
+                link.symlink_to(installed)
+            os.environ["PATH"] += os.pathsep + str(FREE_THREADED_BIN.resolve())
+        if shutil.which(program) is not None:
+            found.append(version)
+    return found
+
+
+FREE_THREADED_AVAILABLE = _free_threaded_pythons()
+# Fails the run if the GIL is on once these are imported (see the tests session).
+GIL_CHECK = (
+    "import importlib.util, sys; import portal_pool, anyio; "
+    "importlib.util.find_spec('trio') and __import__('trio'); "
+    "sys.exit('the GIL is enabled' if sys._is_gil_enabled() else 0)"
+)
+
 
 BACKENDS = ["asyncio", "uvloop", "trio"]
 HOSTS = ["thread", "process"]  # the Ray host has a session of its own: ray
 
 
-@nox.session(python=AVAILABLE)
+@nox.session(python=[*(AVAILABLE or []), *FREE_THREADED_AVAILABLE] or None)
 @nox.parametrize(
     ["backend", "host"],
     [(backend, host) for backend in BACKENDS for host in HOSTS],
     ids=[f"{backend}-{host}" for backend in BACKENDS for host in HOSTS],
 )
 def tests(session: nox.Session, backend: str, host: str) -> None:
-    """The suite on one backend and host (pytest --backend B --host H)."""
+    """The suite on one backend and host (pytest --backend B --host H).
+
+    On a free-threaded build (3.13t, 3.14t) with the GIL off; uvloop is skipped there.
+    """
+    free_threaded = str(session.python).endswith("t")
+    if free_threaded and backend == "uvloop":
+        session.skip("uvloop has no free-threaded build (it would turn the GIL back on)")
     # The asyncio sessions install no trio at all.
     extras = {"asyncio": "", "uvloop": "[uvloop]", "trio": "[trio]"}[backend]
-    session.install(f".{extras}", *TEST_DEPS)
-    session.run("pytest", "--backend", backend, "--host", host, *session.posargs)
+    # --prefer-binary: hypothesis 6.156 and later is a Rust extension with no cp313t wheel;
+    # 6.155.7, the last pure-Python release, is within the >=6.100 allowed.
+    session.install(f".{extras}", *TEST_DEPS, *(["--prefer-binary"] if free_threaded else []))
+    env = {}
+    if free_threaded:
+        # First without PYTHON_GIL (an empty value is unset): no import may turn the GIL
+        # back on by itself. Then the suite with it off, and the conftest checks that it
+        # stayed off (PORTAL_POOL_REQUIRE_NO_GIL).
+        session.run("python", "-c", GIL_CHECK, env={"PYTHON_GIL": ""})
+        env = {"PYTHON_GIL": "0", "PORTAL_POOL_REQUIRE_NO_GIL": "1"}
+    session.run("pytest", "--backend", backend, "--host", host, *session.posargs, env=env)
 
 
 @nox.session

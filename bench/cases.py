@@ -25,6 +25,7 @@ from typing import Any
 import portal_pool
 from portal_pool import PortalPool
 
+from . import process_workloads
 from .contenders import AsyncFn, BenchPool, Contender, round_trip
 from .workloads import bare_loops_sleepers, hash_buffer, noop
 
@@ -309,6 +310,87 @@ def bench_scaling(contender: Contender, counts: Counts) -> Figures:
     }
 
 
+def _spin_on_threads(iterations: int, tasks: int, threads: int) -> float:
+    """``tasks`` pure-Python loops split over ``threads`` plain threads; the wall time."""
+
+    def work(share: range) -> None:
+        for _ in share:
+            process_workloads._spin(iterations)
+
+    workers = [
+        threading.Thread(target=work, args=(range(first, tasks, threads),))
+        for first in range(threads)
+    ]
+    start = perf_counter()
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return perf_counter() - start
+
+
+def bench_cpu(contender: Contender, counts: Counts) -> Figures:
+    """``cpu_tasks`` pure-Python CPU coroutines (about ``cpu_task_ms`` each, never
+    awaiting) on 1 worker and on 2: best of a few alternating rounds.
+
+    With the GIL the loops take turns and 2 workers gain nothing; on a free-threaded
+    build each loop computes on its own core. Beside the speedup: the process's CPU
+    seconds ÷ wall seconds in the best 2-worker round (2.00: both workers computed
+    throughout), the 1-minute load average after the rounds (anything near 1 or more:
+    another process shared the cores), and the same loops on 1 vs 2 plain threads in
+    the same rounds (what the machine and the interpreter allowed then).
+    """
+    iterations = _cpu_task_iterations(counts)
+    best: dict[str, tuple[float, float]] = {}
+    samples: dict[str, list[float]] = {"one": [], "two": []}
+    with contender.opened(1) as one, contender.opened(2) as two:
+        for pool in (one, two):
+            submit_all(pool, process_workloads.spin, 2, 1_000)  # warm-up
+        for _ in range(counts.repeats):
+            for name, pool in (("one", one), ("two", two)):
+                _settled()
+                cpu_before = time.process_time()
+                wall = submit_all(pool, process_workloads.spin, counts.cpu_tasks, iterations)
+                cpu = time.process_time() - cpu_before
+                samples[name].append(wall)
+                if name not in best or wall < best[name][0]:
+                    best[name] = (wall, cpu)
+            for threads in (1, 2):
+                wall = _spin_on_threads(iterations, counts.cpu_tasks, threads)
+                key = f"threads_{threads}"
+                best[key] = min(best.get(key, (math.inf, 0.0)), (wall, 0.0))
+    return {
+        "one_s": best["one"][0],
+        "two_s": best["two"][0],
+        "speedup": best["one"][0] / best["two"][0],
+        "cpu_per_wall": best["two"][1] / best["two"][0],
+        "cpu_per_wall_one": best["one"][1] / best["one"][0],
+        "threads_speedup": best["threads_1"][0] / best["threads_2"][0],
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "free_threaded": not _gil_enabled(),
+        "iterations": iterations,
+        "samples_one_s": samples["one"],
+        "samples_two_s": samples["two"],
+    }
+
+
+_ITERATIONS: dict[int, int] = {}
+
+
+def _cpu_task_iterations(counts: Counts) -> int:
+    """Loop iterations that take about ``cpu_task_ms`` on one core, measured once per run
+    so that every contender gets the same work."""
+    if counts.cpu_task_ms not in _ITERATIONS:
+        per_second = process_workloads.iterations_per_second()
+        _ITERATIONS[counts.cpu_task_ms] = max(1, int(per_second * counts.cpu_task_ms / 1000))
+    return _ITERATIONS[counts.cpu_task_ms]
+
+
+def _gil_enabled() -> bool:
+    is_enabled = getattr(sys, "_is_gil_enabled", None)
+    return True if is_enabled is None else bool(is_enabled())
+
+
 def bench_rss(contender: Contender, counts: Counts) -> Figures | None:
     """Peak RSS growth of a bounded ``map`` over many items, in a fresh subprocess."""
     if not contender.is_portal_pool:
@@ -486,6 +568,7 @@ CASES: dict[str, tuple[str, Case | GroupCase | OwnCase]] = {
     "latency": ("round-trip latency", bench_latency),
     "sleepers": ("sleepers wall time", bench_sleepers),
     "scaling": ("2-vs-1 worker scaling", bench_scaling),
+    "cpu": ("pure-Python CPU coroutines, 1 -> 2 workers", bench_cpu),
     "rss": ("bounded map peak RSS", bench_rss),
     "skew": ("least_loaded vs round_robin on a skewed load", bench_skew),
     "limits": ("cost of max_concurrency and max_pending", bench_limits),

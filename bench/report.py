@@ -172,6 +172,14 @@ def _figure(case: str, key: str, field: str) -> Measure:
     return lambda results: _get(results, case, key, field)
 
 
+def _free_threaded_only(measure: Measure, key: str) -> Measure:
+    """``measure`` where the cpu case ran on a free-threaded build; else no row (with the
+    GIL, pure-Python work cannot scale with workers, and no target says it should)."""
+    return lambda results: (
+        measure(results) if results.get("cpu", {}).get(key, {}).get("free_threaded") else None
+    )
+
+
 def targets(counts: Counts) -> list[Target]:
     """The project's performance targets, for each PortalPool backend.
 
@@ -235,6 +243,24 @@ def targets(counts: Counts) -> list[Target]:
                     )
                 )
         rows += [
+            Target(
+                "pure-Python CPU coroutines, 2 ÷ 1 workers (free-threaded build)",
+                "cpu",
+                key,
+                _free_threaded_only(_figure("cpu", key, "speedup"), key),
+                True,
+                1.85,
+                TIMES,
+            ),
+            Target(
+                "pure-Python CPU 2 ÷ 1 workers ÷ the seed's (free-threaded build)",
+                "cpu",
+                key,
+                _free_threaded_only(_vs_seed("cpu", key, "speedup"), key),
+                True,
+                1.0,
+                TIMES,
+            ),
             Target(
                 "sha256 scaling, 2 ÷ 1 workers",
                 "scaling",
@@ -476,6 +502,7 @@ def _row(
     seed_field: str | None = None,
     marks: dict[str, str] | None = None,
     bracket_field: str | None = None,
+    note: Callable[[dict[str, Any]], str] | None = None,
 ) -> str | None:
     """One table row; the ratio in parentheses is this value ÷ the seed's ``seed_field``."""
     if case not in results:
@@ -497,8 +524,20 @@ def _row(
         bracket = _get(results, case, contender.key, bracket_field) if bracket_field else None
         if bracket is not None:
             cell += f" [{bracket:.2f}{TIMES}]"
+        if note is not None:
+            cell += note(results[case][contender.key])
         cells.append(cell)
     return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def _cpu_note(figures: dict[str, Any]) -> str:
+    """The cpu row's brackets: CPU/wall of the best 2-worker round, the load average,
+    and the plain threads' 2-vs-1."""
+    notes = [f"{figures['cpu_per_wall']:.2f} CPU/wall"]
+    if figures.get("loadavg_1m") is not None:
+        notes.append(f"load {figures['loadavg_1m']:.2f}")
+    notes.append(f"threads {figures['threads_speedup']:.2f}{TIMES}")
+    return f" [{', '.join(notes)}]"
 
 
 def _load_note(machine: dict[str, Any]) -> str:
@@ -540,7 +579,14 @@ def _main_notes(counts: Counts) -> list[str]:
         "trips again with the caller and every contender's threads pinned to one CPU. With "
         "threads free to move, most of a round trip on an idle machine is spent between cores, "
         "and how much changes with the order the threads were started; pinned, the figure is "
-        "the cost of the round trip's own code.",
+        "the cost of the round trip's own code. "
+        f"⁴ Coroutines that compute about {counts.cpu_task_ms} ms each without awaiting "
+        "(a pure-Python loop), on 1 worker and on 2, best of "
+        f"{counts.repeats} alternating rounds. CPU/wall: the process's CPU seconds ÷ wall "
+        "seconds in the best 2-worker round (2.00: both workers computed throughout); load: "
+        "the 1-minute load average after the rounds; plain threads: the same loops on 2 vs "
+        "1 threads in the same rounds. With the GIL, no contender can gain here; on a "
+        "free-threaded build each loop computes on its own core.",
     ]
 
 
@@ -626,6 +672,16 @@ def render_sections(
             "speedup",
             TIMES,
             bracket_field="threads_speedup",
+        ),
+        _row(
+            f"{counts.cpu_tasks} pure-Python CPU coroutines⁴: 1 → 2 workers speedup "
+            "[CPU/wall, load, plain threads]",
+            contenders,
+            results,
+            "cpu",
+            "speedup",
+            TIMES,
+            note=_cpu_note,
         ),
         _row(
             f"{counts.rss_items:,}-item `map(buffersize={counts.rss_buffersize})`: "

@@ -85,14 +85,20 @@ class PendingLimit:
         waiter = allocate_lock()
         waiter.acquire()
         self._parked.append(waiter)
-        self._lock.release()
         try:
+            # Inside the try: a Ctrl-C raised as release() returns (where Python runs a
+            # signal handler that arrived meanwhile) must still find the lock taken back
+            # for the caller's `with` to release.
+            self._lock.release()
             # A change handed over by a call that landed since the loop's check, the
             # lock still held, is applied at once: no wait for it.
             if not self._handed_over:
                 waiter.acquire(True, SIGNAL_CHECK_INTERVAL)
         finally:
-            self._lock.acquire()
+            # Held once on entry (acquire() takes the reentrant path otherwise): owned
+            # here only if interrupted before the release.
+            if not self._lock._is_owned():  # type: ignore[attr-defined]
+                self._lock.acquire()
             with suppress(ValueError):  # not woken: still parked
                 self._parked.remove(waiter)
 

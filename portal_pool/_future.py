@@ -5,7 +5,7 @@ from __future__ import annotations
 from _thread import LockType, allocate_lock
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from concurrent.futures._base import (  # the states are not re-exported publicly
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -109,9 +109,17 @@ class _FutureCondition:
         if parked is None:
             parked = self._parked = deque()
         parked.append(waiter)
-        saved = self._lock._release_save()  # type: ignore[attr-defined]
+        lock = self._lock
+        # How to take the lock back, known before letting go of it: a Ctrl-C is raised as
+        # _release_save() returns, before its value is stored, if it arrived meanwhile
+        # (the free-threaded build shows it), and the finally must still restore the lock
+        # for the caller's `with` to release. Python 3.10 has no _recursion_count: one
+        # level, what Future.result() and exception() hold.
+        count = getattr(lock, "_recursion_count", lambda: 1)()
+        saved = (count, get_ident())
         notified = False
         try:
+            saved = lock._release_save()  # type: ignore[attr-defined]
             # A cancel handed over by a call that interrupted the caller's check of the
             # state, before this wait: run now, it notifies the waiter parked above.
             if self._handed_over is not None:
@@ -125,7 +133,8 @@ class _FutureCondition:
                 notified = bool(waiter.acquire(False))
             return notified
         finally:
-            self._lock._acquire_restore(saved)  # type: ignore[attr-defined]
+            if not lock._is_owned():  # type: ignore[attr-defined]  # (not if interrupted before)
+                lock._acquire_restore(saved)  # type: ignore[attr-defined]
             if not notified:
                 # Timed out. If notify_all took this deque meanwhile, it is done with it
                 # (it runs under the lock we just got back), so removing is harmless.
@@ -242,24 +251,60 @@ class TaskFuture(Future[T]):
         running and cancels it in its loop, rather than taking the call from under it.
         """
         with self._condition:
-            if self._state == PENDING:
+            if self._state == PENDING and not self._cancel_promised():
                 self._state = RUNNING
                 self._started = True
                 call, self._call = self._call, None
                 return call
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return None  # cancel() has notified the waiters and dropped the call
+            if self._state in (PENDING, CANCELLED, CANCELLED_AND_NOTIFIED):
+                # cancel() has notified the waiters and dropped the call, or is about to
+                # (it runs as this section lets go, and accounts for the task)
+                return None
             raise RuntimeError(f"future in unexpected state {self._state}")
+
+    def _cancel_promised(self) -> bool:
+        """Whether a ``cancel()`` that re-entered a section of this future has returned
+        ``True`` and waits to run as that section lets go (see :meth:`_cancel_reentered`);
+        with the lock held.
+
+        The task must then neither start nor finish first: another thread can take the
+        lock between that section's end and the cancel, which the GIL made unlikely and
+        the free-threaded build does not.
+        """
+        condition: _FutureCondition = self._condition  # type: ignore[assignment]
+        return condition._handed_over is not None
 
     def _settle(self, ok: bool, value: Any) -> None:
         """Record the task's outcome, unless the future was cancelled meanwhile."""
         self._canceller = None
-        with suppress(InvalidStateError):  # cancelled while the task ran: cancel wins
-            if ok:
-                self.set_result(value)
-            else:
-                self.set_exception(value)
+        with self._condition:
+            # Cancelled while the task ran, or about to be: cancel wins.
+            promised = self._cancel_promised()
+            finished = not promised and self._finish(ok, value)
+        if finished:
+            self._invoke_callbacks()
+        elif promised:
+            self._transition_to_cancelled()  # if the promised cancel has not run yet
         self._task_exited()
+
+    def _finish(self, ok: bool, value: Any) -> bool:
+        """What ``set_result`` or ``set_exception`` does under the lock, which is held
+        here, so that checking for a promised cancel and finishing are one step; the
+        caller then runs the callbacks, outside it. ``False`` if already done."""
+        if self._state not in (PENDING, RUNNING):
+            return False
+        if ok:
+            self._result = value
+        else:
+            self._exception = value
+        self._state = FINISHED
+        for waiter in self._waiters:
+            if ok:
+                waiter.add_result(self)
+            else:
+                waiter.add_exception(self)
+        self._condition.notify_all()
+        return True
 
     def _settle_cancelled(self) -> None:
         self._canceller = None
@@ -273,9 +318,7 @@ class TaskFuture(Future[T]):
         with self._condition:
             if self._state == PENDING:
                 self._state = RUNNING
-        with suppress(InvalidStateError):
-            self.set_exception(exc)
-        self._task_exited()
+        self._settle(False, exc)
 
     def _task_exited(self) -> None:
         """Account for the task's end, once per future, whoever reports it.

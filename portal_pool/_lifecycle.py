@@ -8,10 +8,10 @@ import signal
 import sys
 import threading
 import weakref
+from _thread import allocate_lock
 from collections.abc import Iterable
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from contextlib import suppress
-from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._signals import wait_in_slices
@@ -83,7 +83,7 @@ def join_workers(workers: Iterable[Worker[Any]], interrupted_before: bool = Fals
         try:
             # Not Thread.join(timeout): up to Python 3.12, an interrupt landing in it
             # marks the thread stopped while it still runs, and nothing waits for it again.
-            wait_in_slices(partial(_thread_ended, pending[0]))
+            wait_done(pending[0]._exited)
             pending[0]._host_loop.join()  # it is past its last step: no real wait
         except BaseException as exc:
             if interrupted_before or interrupted is not None:
@@ -96,12 +96,20 @@ def join_workers(workers: Iterable[Worker[Any]], interrupted_before: bool = Fals
         raise interrupted
 
 
-def resolved_within(future: Future[Any], seconds: float) -> bool:
-    return bool(wait((future,), seconds).done)
+def wait_done(future: Future[Any]) -> None:
+    """Block until ``future`` is done, in slices (see _signals), interruptible by Ctrl-C.
 
-
-def _thread_ended(worker: Worker[Any], seconds: float) -> bool:
-    return resolved_within(worker._exited, seconds)
+    On a plain lock that a done callback releases, not in ``concurrent.futures.wait`` or
+    ``future.result``: they park in ``threading.Condition.wait``, where a Ctrl-C raised as
+    it has let go of its lock, before its ``try``, leaves that lock released, and the
+    wait's exit fails with "release unlocked lock" instead of the KeyboardInterrupt. A
+    thread watching this one, as a test does, sends it just then on the free-threaded
+    build. A plain lock's acquire is one call: an interrupt lands before or after it.
+    """
+    done = allocate_lock()
+    done.acquire()
+    future.add_done_callback(lambda _: done.release())
+    wait_in_slices(lambda seconds: bool(done.acquire(True, seconds)))
 
 
 def _at_interpreter_exit() -> None:

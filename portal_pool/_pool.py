@@ -13,7 +13,6 @@ from collections.abc import (
 )
 from concurrent.futures import Executor, Future
 from contextlib import AbstractAsyncContextManager
-from functools import partial
 from types import TracebackType
 from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
@@ -30,12 +29,11 @@ from ._lifecycle import (
     close_workers,
     join_workers,
     register_workers,
-    resolved_within,
     stop_workers,
+    wait_done,
 )
 from ._mapping import MapMethods
 from ._scheduler import Loads, RoundRobin, Scheduler, make_scheduler
-from ._signals import wait_in_slices
 from ._statistics import PoolStatistics
 from ._thread_host import ThreadHost
 from ._tokens import wait_for_result, wait_future
@@ -156,7 +154,7 @@ class PortalPool(MapMethods, Executor, Generic[C]):
             for worker in self._workers:
                 worker._start()
             for worker in self._workers:
-                wait_in_slices(partial(resolved_within, worker._ready))
+                wait_done(worker._ready)
                 # A worker's failure, whatever its type, is the worker's: a CancelledError
                 # or KeyboardInterrupt from its worker_context must not reach the caller
                 # as if the caller had been cancelled or interrupted.

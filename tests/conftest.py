@@ -10,9 +10,12 @@ test about one host's own machinery says which with ``@pytest.mark.hosts(...)``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,7 +63,36 @@ def _selected(config: pytest.Config) -> list[str]:
     return [name for name in chosen if _installed(POOL_BACKENDS[name][2])]
 
 
+# Set by nox and .ci/run for their free-threaded runs (PYTHON_GIL=0): a run that was meant to
+# test without the GIL and did not (the variable lost on the way, or not a free-threaded
+# build) must fail, not pass as if it had.
+REQUIRE_NO_GIL = "PORTAL_POOL_REQUIRE_NO_GIL"
+
+
+def gil_enabled() -> bool:
+    """Whether the GIL is on in this process (always, before Python 3.13)."""
+    is_enabled = getattr(sys, "_is_gil_enabled", None)
+    return True if is_enabled is None else bool(is_enabled())
+
+
+def _check_no_gil(when: str) -> str | None:
+    """Why the run must fail, if it requires the GIL off and it is on; else ``None``."""
+    if os.environ.get(REQUIRE_NO_GIL) != "1" or not gil_enabled():
+        return None
+    return (
+        f"{REQUIRE_NO_GIL}=1 but the GIL is enabled {when} (Python {sys.version}): run a "
+        "free-threaded build with PYTHON_GIL=0"
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # The package and the backends it runs, imported now: the check covers them.
+    for module in ("portal_pool", "anyio", "trio"):
+        if _installed(module):
+            importlib.import_module(module)
+    failure = _check_no_gil("after importing portal_pool, anyio and trio")
+    if failure is not None:
+        raise pytest.UsageError(failure)
     config.addinivalue_line(
         "markers",
         "hosts(*names): run the test on these hosts only, of its module's HOSTS (for a "
@@ -78,6 +110,17 @@ def pytest_configure(config: pytest.Config) -> None:
     # started from a terminal does.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Again at the end, after everything the tests imported.
+    failure = _check_no_gil("at the end of the run")
+    if failure is not None:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_sep("=", "free-threading check", red=True)
+            reporter.write_line(f"ERROR: {failure}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

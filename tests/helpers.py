@@ -3,12 +3,20 @@ a tracer that acts at a chosen line."""
 
 from __future__ import annotations
 
+import dis
 import linecache
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from concurrent.futures._base import (  # the states are not re-exported publicly
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
 from contextlib import contextmanager
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 import anyio
@@ -81,3 +89,96 @@ def at_line(function: str, source: str, action: Callable[[], object]) -> Callabl
         return line
 
     return tracer
+
+
+@contextmanager
+def raised_after_call(
+    code: CodeType, fragment: str, action: Callable[[], object]
+) -> Iterator[None]:
+    """Within the block, call ``action`` in this thread once, as the call on the line of
+    ``code`` that contains ``fragment`` has just returned, before its value is stored.
+
+    That is where CPython runs a signal handler that arrived during a call (its check
+    follows every call), so an ``action`` that raises stands for a Ctrl-C landing there:
+    a point that line tracing cannot reach. Python 3.12+ watch instructions with
+    ``sys.monitoring`` (``f_trace_opcodes`` set in a call event only takes effect at the
+    code's next call there); older ones with ``sys.settrace``.
+    """
+    target = _offset_after_call(code, fragment)
+    thread = threading.get_ident()
+    fired = False
+
+    def at(where: CodeType, offset: int) -> None:
+        nonlocal fired
+        if where is code and offset == target and not fired and threading.get_ident() == thread:
+            fired = True
+            action()
+
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is None:
+
+        def tracer(frame: FrameType, event: str, arg: object) -> Any:
+            if frame.f_code is not code:
+                return None
+            frame.f_trace_opcodes = True
+
+            def opcode(frame: FrameType, event: str, arg: object) -> Any:
+                if event == "opcode":
+                    at(frame.f_code, frame.f_lasti)
+                return opcode
+
+            return opcode
+
+        sys.settrace(tracer)
+        try:
+            yield
+        finally:
+            sys.settrace(None)
+        return
+    tool = next(tool for tool in range(6) if monitoring.get_tool(tool) is None)
+    monitoring.use_tool_id(tool, "portal_pool tests")
+    instruction = monitoring.events.INSTRUCTION
+    try:
+        monitoring.register_callback(tool, instruction, at)
+        monitoring.set_local_events(tool, code, instruction)
+        yield
+    finally:
+        monitoring.set_local_events(tool, code, 0)
+        monitoring.register_callback(tool, instruction, None)
+        monitoring.free_tool_id(tool)
+
+
+def _offset_after_call(code: CodeType, fragment: str) -> int:
+    """The offset of the instruction after the last call on the line containing ``fragment``."""
+    starts = sorted((offset, line) for offset, line in dis.findlinestarts(code) if line)
+    instructions = list(dis.get_instructions(code))
+    found = None
+    for position, instruction in enumerate(instructions[:-1]):
+        line = max((start for start in starts if start[0] <= instruction.offset), default=None)
+        if line is None or fragment not in linecache.getline(code.co_filename, line[1]):
+            continue
+        if instruction.opname.startswith("CALL"):
+            found = instructions[position + 1].offset
+    if found is None:
+        raise LookupError(f"no call on a line containing {fragment!r} in {code.co_name}")
+    return found
+
+
+def cancel_and_classify(future: Future[Any]) -> str:
+    """Cancel a pool's future; return the state that ``cancel()`` found it in: ``PENDING``
+    (so its task never starts), ``RUNNING``, ``FINISHED`` (too late) or
+    ``CANCELLED_AND_NOTIFIED`` (cancelled before).
+
+    Read after the call, from the future's ``_started``, which is set under the future's
+    lock as it turns ``RUNNING``, and never again: a cancel that found it pending leaves it
+    unset for good. Reading the state first, with the future's lock held across the call,
+    would not freeze it: a cancel from the thread that holds the lock is handed over until
+    it lets go (as a signal handler's is), and the loop may start or finish the task in
+    between, which the free-threaded build shows.
+    """
+    if future.cancelled():
+        future.cancel()
+        return CANCELLED_AND_NOTIFIED
+    if not future.cancel():
+        return FINISHED
+    return RUNNING if future._started else PENDING  # type: ignore[attr-defined]

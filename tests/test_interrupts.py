@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from types import FrameType
@@ -18,9 +17,12 @@ import pytest
 
 import portal_pool
 from portal_pool import PortalPool
+from portal_pool._flow import PendingLimit
+from portal_pool._future import _FutureCondition
+from portal_pool._lifecycle import wait_done
 
 from .conftest import requires_trio
-from .helpers import at_line
+from .helpers import at_line, loop_held, raised_after_call
 
 PACKAGE = os.path.dirname(portal_pool.__file__)
 STDLIB_LOCKS = (os.path.join("concurrent", "futures"), f"{os.sep}threading.py")
@@ -148,24 +150,25 @@ def test_ctrl_c_anywhere_in_leaving_async_with_on_trio_still_cancels_and_joins(
         assert _lock_is_free(future._condition), where
 
 
-def _waiting_for_workers(thread: threading.Thread) -> bool:
-    """Whether ``thread`` is inside the pool's wait for its workers to end."""
-    frame = sys._current_frames().get(thread.ident or -1)
-    names = set()
-    while frame is not None:
-        names.add(frame.f_code.co_name)
-        frame = frame.f_back
-    return {"join_workers", "wait_in_slices"} <= names
-
-
 @pytest.mark.timeout(30)
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX signals")
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_in_shutdown_cancels_and_waits_for_the_clean_up_and_a_second_stops(
-    make_pool: Callable[..., PortalPool[Any]], presses: int
+    make_pool: Callable[..., PortalPool[Any]], presses: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     running, cleaning, release = threading.Event(), threading.Event(), threading.Event()
     cleaned: list[bool] = []
+    # Told by the wait for the workers itself, not read from the main thread's frames by
+    # another thread: on the free-threaded 3.13 build that read is unsafe (CPython
+    # gh-152355), and it let the Ctrl-C land as a wait was starting. Anywhere from here
+    # on, the Ctrl-C lands inside the wait's try, as the first one.
+    joining = threading.Event()
+
+    def announcing(future: Future[Any]) -> None:
+        joining.set()
+        wait_done(future)
+
+    monkeypatch.setattr(portal_pool._lifecycle, "wait_done", announcing)
 
     async def task() -> None:
         running.set()
@@ -180,8 +183,7 @@ def test_ctrl_c_in_shutdown_cancels_and_waits_for_the_clean_up_and_a_second_stop
     def press_ctrl_c(main: threading.Thread) -> None:
         # Ctrl-C once the main thread waits in shutdown(); again (or the clean-up ends)
         # once the first has cancelled the task.
-        while not _waiting_for_workers(main):
-            time.sleep(0.001)
+        assert joining.wait(10)
         signal.pthread_kill(main.ident or 0, signal.SIGINT)
         assert cleaning.wait(10)
         if presses == 2:
@@ -245,3 +247,104 @@ def test_ctrl_c_between_recording_a_stop_and_sending_it(
     assert cleaned_up.wait(10), "the stop never reached the loop"
     pool.shutdown()
     assert future.cancelled()
+
+
+def test_ctrl_c_as_a_future_wait_lets_go_of_its_lock(
+    make_pool: Callable[..., PortalPool[Any]],
+) -> None:
+    """A Ctrl-C that lands as ``future.result()``'s wait has just let go of the future's
+    lock, before it has stored how to take it back: the wait takes it back all the same,
+    so ``result()`` raises the KeyboardInterrupt (not "cannot release un-acquired lock")
+    and the lock is free for the worker that settles the future.
+
+    Seen on the free-threaded build, where a Ctrl-C sent as the main thread begins to
+    wait often lands there.
+    """
+    pool = make_pool(1)
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    with loop_held(pool.submit) as holder:
+        with (
+            raised_after_call(_FutureCondition.wait.__code__, "_release_save()", interrupt),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            holder.result()
+        assert _lock_is_free(holder._condition)
+    assert holder.result(timeout=10) is None
+
+
+def test_ctrl_c_as_a_full_pools_wait_lets_go_of_its_lock(
+    make_pool: Callable[..., PortalPool[Any]],
+) -> None:
+    """The same for a ``submit`` waiting for room in a full pool (``max_pending``): a
+    Ctrl-C landing as the wait has let go of the limit's lock leaves it free, and the
+    room counted as it was."""
+    pool = make_pool(1, max_pending=1)
+    limit = pool._pending_limit
+    assert limit is not None
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    with loop_held(pool.submit) as holder:
+        with (
+            raised_after_call(PendingLimit._wait.__code__, "self._lock.release()", interrupt),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            pool.submit(anyio.sleep, 0)
+        assert _lock_is_free(limit._lock)
+        assert limit.count == 1  # the holder's room; the interrupted submit took none
+    assert holder.result(timeout=10) is None
+    assert pool.submit(anyio.sleep, 0).result(timeout=10) is None
+    pool.shutdown()
+    assert limit.count == 0
+
+
+def test_ctrl_c_as_shutdown_waits_for_the_workers(
+    make_pool: Callable[..., PortalPool[Any]],
+) -> None:
+    """The main thread's wait for the workers parks on a plain lock, never in
+    ``threading.Condition.wait``: a Ctrl-C raised there as it has let go of its lock (a
+    thread watching this one sends it just then on the free-threaded build) leaves the
+    lock released, and the wait fails with "release unlocked lock" instead of raising the
+    KeyboardInterrupt. One landing as the plain lock's wait returns is the first Ctrl-C:
+    it cancels the work, waits for its clean-up, and is raised."""
+    pool = make_pool(1)
+    running = threading.Event()
+    cleaned: list[bool] = []
+
+    async def task() -> None:
+        running.set()
+        try:
+            await anyio.sleep(3600)
+        finally:
+            cleaned.append(True)
+
+    pool.submit(task)
+    assert running.wait(10)
+    condition_waits: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code is threading.Condition.wait.__code__:
+            condition_waits.append(frame.f_back.f_code.co_name if frame.f_back else "?")
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    constants = wait_done.__code__.co_consts
+    # The lambda that waits one slice.
+    (wait_slice,) = [code for code in constants if "seconds" in getattr(code, "co_varnames", ())]
+    sys.setprofile(profile)
+    try:
+        with (
+            raised_after_call(wait_slice, "done.acquire(True, seconds)", interrupt),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            pool.shutdown()
+    finally:
+        sys.setprofile(None)
+    assert condition_waits == []
+    assert cleaned == [True]
+    assert pool.workers[0]._exited.done()

@@ -50,14 +50,14 @@ def announce_joins():
     # Print "joining" once portal_pool waits for a worker thread, so a signal sent
     # after that line lands in the wait, not before it.
     import portal_pool._lifecycle as pool_module
-    ended = pool_module._thread_ended
+    ended = pool_module.wait_done
     said = []
-    def announcing(worker, seconds):
+    def announcing(future):
         if not said:
             said.append(True)  # first: the Ctrl-C may land as soon as the line is out
             say("joining")
-        return ended(worker, seconds)
-    pool_module._thread_ended = announcing
+        return ended(future)
+    pool_module.wait_done = announcing
 
 def print_result(future):
     print("done", future.result(), flush=True)

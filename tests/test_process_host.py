@@ -582,16 +582,16 @@ async def stubborn(i):
             await anyio.sleep(3600)
 
 import portal_pool._lifecycle as lifecycle
-ended = lifecycle._thread_ended
+ended = lifecycle.wait_done
 said = []
 
-def announcing(worker, seconds):
+def announcing(future):
     if not said:
         said.append(True)
         say("joining")
-    return ended(worker, seconds)
+    return ended(future)
 
-lifecycle._thread_ended = announcing
+lifecycle.wait_done = announcing
 pool = PortalPool(2, backend=backend, backend_options=options, host="process")
 futures = [pool.submit(stubborn, i) for i in range(2)]
 say("pids", *[worker.pid for worker in pool.workers])

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, as_completed, wait
 from contextlib import contextmanager
@@ -39,7 +40,7 @@ from portal_pool import PortalPool
 from portal_pool._flow import SHUTDOWN_MESSAGE
 from portal_pool._worker import Worker
 
-from .helpers import loop_held
+from .helpers import at_line, loop_held
 
 MakePool = Callable[..., PortalPool[Any]]
 Tracer = Callable[[FrameType, str, Any], Any]
@@ -474,3 +475,78 @@ def test_the_pools_finalizer_inside_the_worker_lock(
         "2 0 0" if where == "loop" else "1 0 0",
     ]
     assert process.stderr == ""
+
+
+# A cancel() from the thread holding the future's lock is handed over: it returns True, and
+# runs once that thread lets go. The tests below hold that gap open (a tracer waits at the
+# first line of the hand-over) while the loop's thread, which was waiting for the lock,
+# goes on: without the GIL it gets there first. The future must still end cancelled, as
+# cancel() said.
+HANDED_OVER = (
+    "while self._handed_over is not None and not self._lock._is_owned():"
+    "  # type: ignore[attr-defined]"
+)
+
+
+def test_a_handed_over_cancel_of_queued_work_is_not_overtaken(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    worker = pool.workers[0]
+    holding, release = threading.Event(), threading.Event()
+    ran: list[bool] = []
+
+    def hold() -> None:
+        holding.set()
+        assert release.wait(10)
+
+    worker.submit(hold)
+    assert holding.wait(10)
+    future = worker.submit(ran.append, True)  # a sync call: it would end in one step
+    after = worker.submit(noop)  # its end means the loop is past `future`'s start
+
+    def hold_the_gap_open() -> None:
+        assert after.result(timeout=10) is None
+
+    sys.settrace(at_line("_run_handed_over", HANDED_OVER, hold_the_gap_open))
+    try:
+        with future._condition:  # type: ignore[attr-defined]
+            assert future.cancel()  # handed over: the future is still pending
+            release.set()  # the loop goes on to `future`, and waits for its lock
+    finally:
+        sys.settrace(None)
+    assert future.cancelled()
+    assert ran == []
+    pool.shutdown()
+    stats = pool.stats()
+    assert (stats.completed, stats.cancelled) == (2, 1)
+
+
+def test_a_handed_over_cancel_of_running_work_is_not_overtaken(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    running, release = threading.Event(), threading.Event()
+
+    def call() -> str:
+        running.set()
+        assert release.wait(10)
+        return "finished"
+
+    future = pool.submit(call)
+    assert running.wait(10)
+
+    def hold_the_gap_open() -> None:
+        # Until the loop has settled it: read without its lock, whose release here
+        # would run the hand-over.
+        deadline = time.monotonic() + 10
+        while future._state in ("PENDING", "RUNNING") and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.001)
+
+    sys.settrace(at_line("_run_handed_over", HANDED_OVER, hold_the_gap_open))
+    try:
+        with future._condition:  # type: ignore[attr-defined]
+            assert future.cancel()  # handed over: the call still runs
+            release.set()  # it returns, and the loop waits for the lock to settle it
+    finally:
+        sys.settrace(None)
+    assert future.cancelled()
+    pool.shutdown()
+    stats = pool.stats()
+    assert (stats.completed, stats.cancelled) == (0, 1)

@@ -53,7 +53,7 @@ from hypothesis.stateful import (
 
 from portal_pool import PortalPool
 
-from .helpers import loop_held
+from .helpers import cancel_and_classify, loop_held
 
 T = TypeVar("T")
 
@@ -384,12 +384,11 @@ def pool_machine(backend_kwargs: dict[str, Any]) -> type[RuleBasedStateMachine]:
             records = unfinished if live and unfinished else self.records
             record = records[pick % len(records)]
             future = record.future
-            # Holding the future's (re-entrant) condition freezes its state, so this is
-            # exactly the state cancel() acts on: the loop cannot start the task between
-            # the read and the cancel.
-            with future._condition:
-                before: str = future._state
-                cancelled = future.cancel()
+            # The state cancel() found, read after the call (see cancel_and_classify):
+            # holding the future's lock around the call would not freeze it, as the cancel
+            # would then be handed over until the lock is let go.
+            before = cancel_and_classify(future)
+            cancelled = before != FINISHED
             started_then = self.tracker.has_started(record.task_id)
             if before in (PENDING, RUNNING):
                 # cancel() wins, even over a running task, and at once.

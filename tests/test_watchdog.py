@@ -11,7 +11,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -78,6 +79,18 @@ def lag(pool: PortalPool[Any], index: int) -> float:
     return -1.0 if value is None else value
 
 
+@asynccontextmanager
+async def imported_first() -> AsyncIterator[None]:
+    """A worker_context from this module, so that a worker process imports the module
+    (pytest with it) as it starts, before its watchdog runs.
+
+    Otherwise the first task's first step imports them, and on a slower interpreter (the
+    free-threaded 3.13t, on a loaded machine) that takes longer than ``STALL_TIMEOUT``: a
+    real stall, reported with the import's stack, before the one a test causes.
+    """
+    yield
+
+
 class Stall:
     """A sync call that holds a worker's loop until released."""
 
@@ -115,7 +128,11 @@ def test_a_stall_is_reported_once_with_the_blocking_stack(
     backend_kwargs: dict[str, Any], warnings_log: RecordWarnings, shared: Any
 ) -> None:
     with PortalPool(
-        2, stall_timeout=STALL_TIMEOUT, thread_name_prefix="stall", **backend_kwargs
+        2,
+        stall_timeout=STALL_TIMEOUT,
+        thread_name_prefix="stall",
+        worker_context=imported_first,
+        **backend_kwargs,
     ) as pool:
         warnings_log.on_emit = lambda: pool.stats().stalls
         stall_and_release(pool, 1, warnings_log, nth=1, shared=shared)
@@ -136,7 +153,9 @@ def test_a_stall_is_reported_once_with_the_blocking_stack(
 def test_a_second_stall_counts_two(
     backend_kwargs: dict[str, Any], warnings_log: RecordWarnings, shared: Any
 ) -> None:
-    with PortalPool(1, stall_timeout=STALL_TIMEOUT, **backend_kwargs) as pool:
+    with PortalPool(
+        1, stall_timeout=STALL_TIMEOUT, worker_context=imported_first, **backend_kwargs
+    ) as pool:
         stall_and_release(pool, 0, warnings_log, nth=1, shared=shared)
         assert pool.stats().workers[0].stalls == 1
         stall_and_release(pool, 0, warnings_log, nth=2, shared=shared)
@@ -162,7 +181,9 @@ def test_no_warning_when_nothing_stalls(
     # A roomier timeout than the stall tests: only a loop that is really blocked may
     # be reported, even on a loaded machine.
     timeout = 0.4
-    with PortalPool(2, stall_timeout=timeout, **backend_kwargs) as pool:
+    with PortalPool(
+        2, stall_timeout=timeout, worker_context=imported_first, **backend_kwargs
+    ) as pool:
         assert list(pool.map(busy, range(300))) == list(range(300))
         assert list(pool.map(busy, range(300), chunksize=32)) == list(range(300))
         # Let the watchdog run several ping cycles on each worker: every new reading of
@@ -246,7 +267,9 @@ async def test_the_watchdog_thread_is_gone_after_async_with(
 def test_stalls_in_a_worker_process_stay_counted_after_it_is_replaced(
     backend_kwargs: dict[str, Any], warnings_log: RecordWarnings, shared: Any
 ) -> None:
-    with PortalPool(1, stall_timeout=STALL_TIMEOUT, **backend_kwargs) as pool:
+    with PortalPool(
+        1, stall_timeout=STALL_TIMEOUT, worker_context=imported_first, **backend_kwargs
+    ) as pool:
         stall_and_release(pool, 0, warnings_log, nth=1, shared=shared)
         first = pool.workers[0].pid
         os.kill(first, signal.SIGKILL)
