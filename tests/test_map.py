@@ -22,7 +22,7 @@ import pytest
 
 from portal_pool import PortalPool
 
-from .conftest import POOL_BACKENDS
+from .conftest import POOL_BACKENDS, host_for
 from .helpers import CountingSource
 
 MakePool = Callable[..., PortalPool[Any]]
@@ -53,7 +53,9 @@ def _shared_pools(
     try:
         for backend, host in wanted:
             name, options, _ = POOL_BACKENDS[backend]
-            pools[backend, host] = PortalPool(2, backend=name, backend_options=options, host=host)
+            pools[backend, host] = PortalPool(
+                2, backend=name, backend_options=options, host=host_for(host, request)
+            )
         yield pools
     finally:
         for shared_pool in pools.values():
