@@ -25,14 +25,12 @@ from ._exceptions import BrokenPortalPool, safe_repr
 from ._future import TaskFuture
 from ._pickling import decode_outcome
 from ._process_child import child_config, child_main
-from ._remote import RemoteCounts, lives_elsewhere, start_calls
+from ._remote import RemoteCounts, RemoteLoop, start_calls
 from ._supervision import RestartPolicy
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
     from multiprocessing.process import BaseProcess
-
-    from anyio.from_thread import BlockingPortal
 
     from ._host import LoopSettings
     from ._worker import Worker
@@ -43,7 +41,7 @@ logger = logging.getLogger("portal_pool")
 _EXIT_GRACE = 5.0
 
 
-class ProcessLoop:
+class ProcessLoop(RemoteLoop):
     """One worker's loop in a child process: the parent's end, run by the link thread."""
 
     def __init__(self, worker: Worker[Any], settings: LoopSettings, context: BaseContext) -> None:
@@ -52,7 +50,7 @@ class ProcessLoop:
         self._context = context
         self._config = child_config(worker.index, settings)
         self._max_concurrency = settings.max_concurrency
-        self._link = threading.Thread(
+        self._thread = threading.Thread(
             target=self._supervise, name=f"{settings.thread_name_prefix}-{self._index}"
         )
         self._process: BaseProcess | None = None
@@ -87,14 +85,6 @@ class ProcessLoop:
     def node(self) -> None:
         return None  # one machine
 
-    @property
-    def portal(self) -> BlockingPortal:
-        raise RuntimeError(lives_elsewhere(self._index, "portal", self._pid))
-
-    @property
-    def context(self) -> Any:
-        raise RuntimeError(lives_elsewhere(self._index, "context", self._pid))
-
     def wake(self) -> None:
         # Called with the worker's lock held, as the link closes the socket under it:
         # a wake-up never lands on a closed socket, or on a reused file descriptor.
@@ -103,36 +93,16 @@ class ProcessLoop:
             with suppress(BlockingIOError):
                 self._wake_sender.send(b"\0")
 
-    def start(self) -> None:
-        self._link.start()
-
-    def cancel(self, future: TaskFuture[Any]) -> None:
-        canceller = future._canceller
-        if canceller is not None:
-            canceller.cancel()
-
     def stop(self, cancel: bool) -> None:
         # The worker has recorded the request: the link reads it there.
         with self._worker._lock:
             self.wake()
-
-    def started(self) -> bool:
-        return self._link.ident is not None
-
-    def is_alive(self) -> bool:
-        return self._link.is_alive()
-
-    def join(self) -> None:
-        self._link.join()
 
     def terminate(self) -> None:
         process = self._process
         if process is not None:
             with suppress(Exception):
                 process.kill()
-
-    def check_heartbeat(self, now: float, stall_timeout: float) -> None:
-        pass  # the child runs its own watchdog, and its reports reach the parent's log
 
     def after_fork_in_child(self) -> list[TaskFuture[Any]]:
         held = [*self._waiting, *self._in_flight.values()]
@@ -198,7 +168,7 @@ class ProcessLoop:
         process = make_process(
             target=child_main,
             args=(sender, self._config),
-            name=f"{self._link.name}-process",
+            name=f"{self._thread.name}-process",
         )
         try:
             process.start()

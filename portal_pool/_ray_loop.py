@@ -23,11 +23,9 @@ from typing import TYPE_CHECKING, Any
 from ._exceptions import BrokenPortalPool, safe_repr
 from ._pickling import decode_outcome
 from ._process_child import child_config
-from ._remote import RemoteCounts, lives_elsewhere, start_calls
+from ._remote import RemoteCounts, RemoteLoop, start_calls
 
 if TYPE_CHECKING:
-    from anyio.from_thread import BlockingPortal
-
     from ._future import TaskFuture
     from ._host import LoopSettings
     from ._worker import Worker
@@ -45,7 +43,7 @@ class _Stopped(Exception):
     """The pool was stopped while the feeder waited for Ray."""
 
 
-class RayLoop:
+class RayLoop(RemoteLoop):
     """One worker's loop in a Ray actor: the pool's end, run by the feeder thread."""
 
     def __init__(
@@ -59,7 +57,7 @@ class RayLoop:
         self._actor: Any = None
         self._config = child_config(worker.index, settings)
         self._max_concurrency = settings.max_concurrency
-        self._feeder = threading.Thread(
+        self._thread = threading.Thread(
             target=self._run, name=f"{settings.thread_name_prefix}-{self._index}"
         )
         # Everything the feeder acts on: None (look at the inbox, cancels and stop), or
@@ -92,44 +90,16 @@ class RayLoop:
     def node(self) -> str | None:
         return self._node
 
-    @property
-    def portal(self) -> BlockingPortal:
-        raise RuntimeError(lives_elsewhere(self._index, "portal", self._pid))
-
-    @property
-    def context(self) -> Any:
-        raise RuntimeError(lives_elsewhere(self._index, "context", self._pid))
-
     def wake(self) -> None:
         self._events.put(None)
 
-    def start(self) -> None:
-        self._feeder.start()
-
-    def cancel(self, future: TaskFuture[Any]) -> None:
-        canceller = future._canceller
-        if canceller is not None:
-            canceller.cancel()
-
     def stop(self, cancel: bool) -> None:
         self._events.put(None)  # the worker has recorded the request: the feeder reads it
-
-    def started(self) -> bool:
-        return self._feeder.ident is not None
-
-    def is_alive(self) -> bool:
-        return self._feeder.is_alive()
-
-    def join(self) -> None:
-        self._feeder.join()
 
     def terminate(self) -> None:
         if self._actor is not None:
             with suppress(Exception):
                 self._ray.kill(self._actor, no_restart=True)
-
-    def check_heartbeat(self, now: float, stall_timeout: float) -> None:
-        pass  # the actor runs its own watchdog; its reports come with the answers
 
     def after_fork_in_child(self) -> list[TaskFuture[Any]]:
         held = [*self._waiting, *self._in_flight.values()]

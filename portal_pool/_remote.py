@@ -9,11 +9,14 @@ outcomes; :class:`RemoteCounts` adds them to the local worker's.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from anyio.from_thread import BlockingPortal
+
     from ._future import TaskFuture
     from ._worker import Worker
 
@@ -91,9 +94,49 @@ class RemoteCounts:
         self._restarts = self._stalls = 0
 
 
-def lives_elsewhere(index: int, what: str, pid: int | None) -> str:
-    """Why a remote worker's ``portal`` or ``context`` cannot be read here."""
-    return (
-        f"worker {index}'s {what} lives in its process (pid {pid}), not in this one; "
-        f"read current_worker().{what} inside a task instead"
-    )
+class RemoteLoop:
+    """What the pool's end of every worker in another process has in common.
+
+    One thread of this process (``_thread``) serves the worker: it sends the calls and
+    settles the futures. The loop, its portal and the ``worker_context`` value are in the
+    worker's own process, and so is its stall watchdog, whose reports come back with the
+    outcomes.
+    """
+
+    _index: int
+    _pid: int | None
+    _thread: threading.Thread
+
+    @property
+    def portal(self) -> BlockingPortal:
+        raise RuntimeError(self._lives_elsewhere("portal"))
+
+    @property
+    def context(self) -> Any:
+        raise RuntimeError(self._lives_elsewhere("context"))
+
+    def _lives_elsewhere(self, what: str) -> str:
+        return (
+            f"worker {self._index}'s {what} lives in its process (pid {self._pid}), not in "
+            f"this one; read current_worker().{what} inside a task instead"
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def cancel(self, future: TaskFuture[Any]) -> None:
+        canceller = future._canceller
+        if canceller is not None:
+            canceller.cancel()  # a RemoteCall: its link sends the cancellation
+
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def check_heartbeat(self, now: float, stall_timeout: float) -> None:
+        pass  # the worker's process runs its own watchdog
