@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import os
+from collections import deque
 from concurrent.futures import Future
 from contextlib import suppress
 from functools import partial
@@ -26,8 +28,10 @@ from ._thread_host import ThreadHost
 from ._watchdog import StallWatchdog
 from ._worker import Worker
 
-# The worker's counts, sent with every answer: (restarts, stalls, loop_lag).
+# The worker's counts, (restarts, stalls, loop_lag), and its log records since the last
+# report, (level, text): sent with every answer.
 Status = tuple[int, int, float | None]
+Report = tuple[Status, list[tuple[int, str]]]
 
 
 class WorkerActor:
@@ -39,14 +43,18 @@ class WorkerActor:
     cancellation may come before its call, and is then kept until the call comes.
     """
 
-    def __init__(self, config_blob: bytes) -> None:
+    def __init__(self, config_blob: bytes, forward_logs: bool = True) -> None:
         index, settings = settings_from_config(config_blob)
         self._worker: Worker[Any] = Worker(index, ThreadHost(), settings)
         self._calls: dict[int, TaskFuture[Any]] = {}
         self._early_cancels: set[int] = set()
-        # Set (in Ray's loop) after each of the watchdog's checks; made in that loop.
+        # Set (in Ray's loop) after each of the watchdog's checks and each log record;
+        # made in that loop.
         self._checked: asyncio.Event | None = None
         self._ray_loop: asyncio.AbstractEventLoop | None = None
+        self._records: deque[tuple[int, str]] = deque()
+        if forward_logs:
+            _forward_logs(self)
         self._worker._start()
         self._watchdog: StallWatchdog | None = None
         if settings.stall_timeout is not None:
@@ -73,11 +81,13 @@ class WorkerActor:
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return ("ready", os.getpid(), node)
 
-    async def call(self, call_id: int, blob: bytes) -> tuple[Status, bytes | None]:
+    async def call(self, call_id: int, blob: bytes) -> tuple[Report, bytes | None]:
         """Run one encoded call; answer once its task has exited (``None``: cancelled)."""
-        if call_id in self._early_cancels:
+        if call_id in self._early_cancels or self._worker._stop_request:
+            # Cancelled before it came, or by a cancelling stop that overtook it: the
+            # stop travels in the control group too.
             self._early_cancels.discard(call_id)
-            return self._status(), None
+            return self._report(), None
         future: TaskFuture[Any] = TaskFuture(self._worker, run_encoded, (blob,), {})
         # Answered when the task has exited, not when its future is done: a cancelled
         # future is done at once, while the task's clean-up still runs, and the pool's
@@ -90,7 +100,7 @@ class WorkerActor:
             self._worker._enqueue(future)
         except BaseException as exc:  # the worker is broken: say so, per call
             del self._calls[call_id]
-            return self._status(), encode_outcome(False, exc)
+            return self._report(), encode_outcome(False, exc)
         try:
             await asyncio.shield(exited)
         except BaseException:
@@ -98,7 +108,7 @@ class WorkerActor:
             raise
         finally:
             del self._calls[call_id]
-        return self._status(), encoded_outcome(future)
+        return self._report(), encoded_outcome(future)
 
     async def cancel(self, call_ids: list[int], settled_below: int) -> None:
         """Cancel calls, whether they have come yet or not.
@@ -114,36 +124,65 @@ class WorkerActor:
             else:  # not come yet, or over (its answer is on its way, and wins)
                 self._early_cancels.add(call_id)
 
-    async def watch(self) -> Status:
-        """Answer after the watchdog's next check, with the new status.
+    async def watch(self) -> Report:
+        """Answer after the watchdog's next check or the next log record, with the news.
 
         The pool keeps one such call waiting: it answers the ``loop_lag`` of an idle
-        worker, and fails at once if this actor dies, even with no call in flight.
+        worker and its log records, and fails at once if this actor dies, even with no
+        call in flight.
         """
         checked = self._checked
         if checked is None:
             checked = self._checked = asyncio.Event()
         checked.clear()
-        await checked.wait()
-        return self._status()
+        if not self._records:
+            await checked.wait()
+        return self._report()
 
-    async def stop(self, cancel: bool) -> Status:
+    async def stop(self, cancel: bool) -> Report:
         """Stop the worker, with its tasks finished or cancelled; answer once it has ended."""
         self._worker._request_stop(cancel)
         await _until_done(self._worker._exited)
         if self._watchdog is not None:
             self._watchdog.stop(wait=False)
-        return self._status()
+        self._after_check()  # the waiting watch answers now, not at the actor's death
+        return self._report()
 
-    def _status(self) -> Status:
+    def _report(self) -> Report:
+        records: list[tuple[int, str]] = []
+        with suppress(IndexError):
+            while True:
+                records.append(self._records.popleft())
         worker = self._worker
-        return worker._restarts, worker._stalls, worker._loop_lag
+        # Read after the records: the counts already include what they report.
+        return (worker._restarts, worker._stalls, worker._loop_lag), records
 
     def _after_check(self) -> None:
         loop, checked = self._ray_loop, self._checked
         if loop is not None and checked is not None:
             with suppress(RuntimeError):  # Ray's loop is closed: the actor is exiting
                 loop.call_soon_threadsafe(checked.set)
+
+
+class _ForwardToPool(logging.Handler):
+    """Keeps this process's ``portal_pool`` log records for the pool, as text."""
+
+    def __init__(self, actor: WorkerActor) -> None:
+        super().__init__()
+        self._actor = actor
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._actor._records.append((record.levelno, self.format(record)))
+            self._actor._after_check()  # the waiting watch answers with it
+        except Exception:
+            self.handleError(record)
+
+
+def _forward_logs(actor: WorkerActor) -> None:
+    logger = logging.getLogger("portal_pool")
+    logger.addHandler(_ForwardToPool(actor))
+    logger.propagate = False  # the pool logs them: not a second time through Ray's stderr
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

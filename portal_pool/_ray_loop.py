@@ -72,11 +72,12 @@ class RayLoop(RemoteLoop):
         self._in_flight: dict[int, TaskFuture[Any]] = {}
         # Appended by any thread (cancel()), taken by the feeder.
         self._cancels: deque[int] = deque()
-        self._cancelled_all = False  # a cancelling stop has cancelled what was in flight
+        self._stop_sent: Any = None  # a cancelling stop sent at once: its answer's ref
         self._counts = RemoteCounts()
         self._pid: int | None = None
         self._node: str | None = None
         self._lost: BaseException | None = None  # why the actor may be gone
+        self._watching: Any = None  # the waiting watch call's ref, until it answers
 
     # -- the worker's side ----------------------------------------------------------------
 
@@ -207,9 +208,10 @@ class RayLoop(RemoteLoop):
         with suppress(IndexError):
             while True:
                 cancels.append(self._cancels.popleft())
-        if stop and not self._cancelled_all:
-            self._cancelled_all = True
-            cancels.extend(in_flight)
+        if stop and self._stop_sent is None:
+            # The actor's worker cancels its tasks, as a thread-host worker's stop does: a
+            # task that ends anyway keeps its outcome (a sync call, say).
+            self._stop_sent = _control(actor.stop).remote(True)
         if cancels:
             # Every call below the lowest id in flight is settled here.
             _control(actor.cancel).remote(cancels, min(in_flight, default=self._sent_below))
@@ -220,7 +222,8 @@ class RayLoop(RemoteLoop):
         _when_answered(ref, lambda answer: events.put((*event, answer)))
 
     def _watch(self) -> None:
-        self._on_answer(_control(self._actor.watch).remote(), ("watch", self._actor))
+        self._watching = _control(self._actor.watch).remote()
+        self._on_answer(self._watching, ("watch", self._actor))
 
     def _handle(self, event: tuple[Any, ...] | None) -> None:
         if event is None:
@@ -237,19 +240,27 @@ class RayLoop(RemoteLoop):
                 self._lost = exc
                 future._settle_broken(self._broken_call(exc))
                 return
-            self._counts.apply(self._worker, status)
+            self._apply(status)
             if outcome is None:
                 future._settle_cancelled()
             else:
                 future._settle(*decode_outcome(outcome))
         elif kind == "watch" and event[1] is self._actor:
+            self._watching = None
             try:
-                self._counts.apply(self._worker, _unwrap(answer))
+                self._apply(_unwrap(answer))
             except BaseException as exc:
                 self._lost = exc
             else:
                 if self._worker._stop_request is None:
                     self._watch()
+
+    def _apply(self, report: tuple[Any, list[tuple[int, str]]]) -> None:
+        """Take in what the actor reported: its counts, then its log records."""
+        status, records = report
+        self._counts.apply(self._worker, status)
+        for level, text in records:
+            logger.log(level, "%s", text)
 
     def _broken_call(self, exc: BaseException) -> BrokenPortalPool:
         broken = BrokenPortalPool(
@@ -336,8 +347,13 @@ class RayLoop(RemoteLoop):
             return
         stop = self._worker._stop_request
         if stop is not None and self._lost is None:
+            stopped = self._stop_sent or _control(actor.stop).remote(stop)
             with suppress(BaseException):  # dead already: killed below all the same
-                self._wait_for_death_or(_control(actor.stop).remote(stop))
+                self._apply(self._wait_for_death_or(stopped))
+                # The waiting watch answers as the worker stops, maybe with the last
+                # log records (a worker_context's failing exit, say): take them in.
+                if self._watching is not None:
+                    self._apply(self._wait_for_death_or(self._watching))
         with suppress(Exception):
             ray.kill(actor, no_restart=True)
         # Answered (with an error) once Ray knows the actor is dead: no actor of this
@@ -350,10 +366,10 @@ class RayLoop(RemoteLoop):
         self._in_flight.clear()
         self._worker._active = 0
 
-    def _wait_for_death_or(self, ref: Any) -> None:
+    def _wait_for_death_or(self, ref: Any) -> Any:
         answered: queue.SimpleQueue[Any] = queue.SimpleQueue()
         _when_answered(ref, answered.put)
-        _unwrap(answered.get(timeout=_DEATH_GRACE))
+        return _unwrap(answered.get(timeout=_DEATH_GRACE))
 
 
 def _control(method: Any) -> Any:

@@ -96,7 +96,7 @@ def test_the_actor_keeps_a_cancellation_that_comes_before_its_call() -> None:
         from portal_pool._host import LoopSettings
 
         settings = LoopSettings("asyncio", {}, None, "ray-test", None, None, None)
-        actor = WorkerActor(child_config(0, settings))
+        actor = WorkerActor(child_config(0, settings), forward_logs=False)
         try:
             assert (await actor.ready())[0] == "ready"
             ran = RAN_HERE
