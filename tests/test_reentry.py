@@ -412,9 +412,10 @@ function, text = {
 lines, start = inspect.getsourcelines(function)
 line = start + next(i for i, source in enumerate(lines) if text in source)
 collected = []
+dropped = []  # a drain before the pool is dropped (a wake-up left over) must not count
 
 def local(frame, event, arg):
-    if event == "line" and frame.f_lineno == line and not collected:
+    if event == "line" and frame.f_lineno == line and dropped and not collected:
         collected.append(gc.collect())  # runs the pool's finalizer, which stops it
     return local
 
@@ -429,6 +430,7 @@ if where == "main":
 else:
     worker.submit(sys.settrace, tracer).result()  # traces the loop thread
 del pool
+dropped.append(True)
 future = worker.submit(noop)  # "main": interrupted here; "loop": its drain is
 sys.settrace(None)
 print(future.result(timeout=5), collected[0] > 0)
