@@ -12,9 +12,9 @@ Ray makes it an actor class (see ``_ray_host``).
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
+import sys
 from collections import deque
 from concurrent.futures import Future
 from contextlib import suppress
@@ -75,10 +75,10 @@ class WorkerActor:
         failure = self._worker._ready.exception()
         if failure is not None:
             return ("failed", encode_outcome(False, failure))
-        ray: Any = importlib.import_module("ray")
-        # Outside an actor (the class is plain Python, and tested as such) no Ray runs:
-        # asking would start one.
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        # Outside an actor (the class is plain Python, and tested as such) Ray may not
+        # run, or be installed: asking would start one.
+        ray: Any = sys.modules.get("ray")
+        node = ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None
         return ("ready", os.getpid(), node)
 
     async def call(self, call_id: int, blob: bytes) -> tuple[Report, bytes | None]:
