@@ -4,9 +4,9 @@ The feeder sends the worker's calls (as far as ``max_concurrency``'s credit wind
 allows), its cancellations and its stop, and settles its futures from the answers. Ray
 calls back in threads of its own, which must not wait: they only queue each answer for
 the feeder, so a future's callbacks never run, or block, in Ray's threads. The feeder
-also keeps one ``watch`` call waiting in the actor, which answers the worker's counts
-and fails at once if the actor dies; then it waits for Ray to restart the actor, or
-gives the worker up.
+also keeps one ``watch`` call waiting in the actor, which answers the worker's counts and
+log records, and fails at once if the actor dies; then the feeder waits for Ray to
+restart the actor, or gives the worker up.
 """
 
 from __future__ import annotations
