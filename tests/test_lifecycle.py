@@ -166,14 +166,23 @@ def test_done_callback_raising_base_exception(
     def explode(_: Future[Any]) -> None:
         raise Boom("from a done callback")
 
+    gate = threading.Event()
+
+    async def value_once_open() -> str:
+        await anyio.to_thread.run_sync(gate.wait, TIMEOUT)
+        return "value"
+
     with caplog.at_level(logging.ERROR):
         other = pool.submit(bystander)
-        finished = pool.submit(lambda: "value")
+        # Not done before the callback is added (as a plain lambda could be, on a
+        # free-threaded build): add_done_callback would call it here, in this thread.
+        finished = pool.submit(value_once_open)
         finished.add_done_callback(explode)
         # The same from cancel(), in this thread, on queued and on running work.
         queued_hold = pool.submit(anyio.sleep_forever)
         queued_hold.add_done_callback(explode)
         assert queued_hold.cancel()
+        gate.set()
         assert finished.result(TIMEOUT) == "value"
         release.set()
         assert other.result(TIMEOUT) == "bystander done"
