@@ -123,6 +123,7 @@ class AsyncioRuntime:
                 # (The current task: an eager one is not in self._tasks yet.)
                 asyncio.current_task().cancel()  # type: ignore[union-attr]
             fn, args, kwargs = call
+            del call  # a task that waits keeps its locals, and the collector walks them
             # Every exception but cancellation goes to the future. asyncio re-raises
             # KeyboardInterrupt and SystemExit out of the loop itself, which would kill
             # every other task on this worker.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from _thread import LockType, allocate_lock
+from _thread import LockType, RLock, allocate_lock
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -15,7 +15,7 @@ from concurrent.futures._base import (  # the states are not re-exported publicl
     RUNNING,
 )
 from contextlib import suppress
-from threading import RLock, Thread, get_ident
+from threading import Thread, get_ident
 from typing import Any, Protocol, TypeVar
 
 from ._signals import wait_in_slices
@@ -54,41 +54,37 @@ class _Owner(Protocol):
     def _check_not_own_loop(self, what: str) -> None: ...
 
 
-class _FutureCondition:
-    """The part of ``threading.Condition`` that ``Future`` uses, in one slotted object.
+# The C lock's own release, under the overrides below.
+_release = RLock.release
+
+
+class _FutureCondition(RLock):  # type: ignore[misc]  # pyright: ignore[reportGeneralTypeIssues]
+    """The part of ``threading.Condition`` that ``Future`` uses, in the lock itself.
 
     Same algorithm as the stdlib's: each waiter parks on a lock of its own, released by
-    ``notify_all``; the waiting itself stays interruptible by Ctrl-C.
+    ``notify_all``; the waiting itself stays interruptible by Ctrl-C. One object rather
+    than a condition holding a lock: at tens of thousands of futures in flight, each
+    object is one more for every garbage collection to walk. Entering it is the C
+    lock's own ``acquire``.
 
     It also runs the cancel that a call re-entering a section of this future left (see
     :meth:`TaskFuture.cancel`), as soon as the interrupted thread has let go of the lock.
     """
 
-    __slots__ = ("_handed_over", "_lock", "_parked")
+    # Class defaults: the instance's own dict is made only when one is set, which most
+    # futures never need.
+    _parked: deque[LockType] | None = None
+    _handed_over: Callable[[], object] | None = None
 
-    def __init__(self) -> None:
-        self._lock = RLock()
-        self._parked: deque[LockType] | None = None
-        self._handed_over: Callable[[], object] | None = None
-
-    def __enter__(self) -> bool:
-        return self._lock.__enter__()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._lock.__exit__(*exc_info)
+    def __exit__(self, *exc_info: object) -> None:
+        _release(self)
         if self._handed_over is not None:
             self._run_handed_over()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        return self._lock.acquire(blocking, timeout)
 
     def release(self) -> None:
-        self._lock.release()
+        _release(self)
         if self._handed_over is not None:
             self._run_handed_over()
-
-    def _is_owned(self) -> bool:
-        return bool(self._lock._is_owned())  # type: ignore[attr-defined]
 
     def _hand_over(self, call: Callable[[], object]) -> None:
         """Run ``call`` once the thread holding the lock (the caller's) lets go of it."""
@@ -97,7 +93,7 @@ class _FutureCondition:
     def _run_handed_over(self) -> None:
         # Not while an outer section of this thread still holds the lock. One call that
         # lands between the check and the swap leaves another: hence the loop.
-        while self._handed_over is not None and not self._lock._is_owned():  # type: ignore[attr-defined]
+        while self._handed_over is not None and not self._is_owned():  # type: ignore[attr-defined]
             call, self._handed_over = self._handed_over, None
             if call is not None:
                 call()
@@ -109,17 +105,16 @@ class _FutureCondition:
         if parked is None:
             parked = self._parked = deque()
         parked.append(waiter)
-        lock = self._lock
         # How to take the lock back, known before letting go of it: a Ctrl-C is raised as
         # _release_save() returns, before its value is stored, if it arrived meanwhile
         # (the free-threaded build shows it), and the finally must still restore the lock
         # for the caller's `with` to release. Python 3.10 has no _recursion_count: one
         # level, what Future.result() and exception() hold.
-        count = getattr(lock, "_recursion_count", lambda: 1)()
+        count = getattr(self, "_recursion_count", lambda: 1)()
         saved = (count, get_ident())
         notified = False
         try:
-            saved = lock._release_save()  # type: ignore[attr-defined]
+            saved = self._release_save()  # type: ignore[attr-defined]
             # A cancel handed over by a call that interrupted the caller's check of the
             # state, before this wait: run now, it notifies the waiter parked above.
             if self._handed_over is not None:
@@ -133,8 +128,8 @@ class _FutureCondition:
                 notified = bool(waiter.acquire(False))
             return notified
         finally:
-            if not lock._is_owned():  # type: ignore[attr-defined]  # (not if interrupted before)
-                lock._acquire_restore(saved)  # type: ignore[attr-defined]
+            if not self._is_owned():  # type: ignore[attr-defined]  # (not if interrupted before)
+                self._acquire_restore(saved)  # type: ignore[attr-defined]
             if not notified:
                 # Timed out. If notify_all took this deque meanwhile, it is done with it
                 # (it runs under the lock we just got back), so removing is harmless.
@@ -142,8 +137,9 @@ class _FutureCondition:
                     parked.remove(waiter)
 
     def notify_all(self) -> None:
-        parked, self._parked = self._parked, None
-        if parked:
+        parked = self._parked
+        if parked is not None:  # (not stored otherwise: see the class defaults)
+            self._parked = None
             for waiter in parked:
                 waiter.release()
 
@@ -173,6 +169,9 @@ class TaskFuture(Future[T]):
     # Set (in the submitting thread) when an idle worker took the call; see
     # Worker._enqueue. A class default, so that the submit path pays nothing for it.
     _taken: bool = False
+    # The lists behind _waiters and _done_callbacks, once made.
+    _waiter_list: list[Any] | None = None
+    _callback_list: list[Callable[[Future[Any]], object]] | None = None
 
     def __init__(
         self,
@@ -182,15 +181,14 @@ class TaskFuture(Future[T]):
         kwargs: dict[str, Any],
     ) -> None:
         # Future.__init__, field for field (the same on 3.10 to 3.14; a test compares
-        # them), with a slimmer condition: threading.Condition builds five bound methods,
-        # a dict and a deque per instance, and at tens of thousands of live futures that
-        # garbage is what the cyclic collector spends its time on.
+        # them), with a slimmer condition and the two lists made on first use:
+        # threading.Condition builds five bound methods, a dict and a deque per instance,
+        # and at tens of thousands of live futures that garbage is what the cyclic
+        # collector spends its time on.
         self._condition = _FutureCondition()  # type: ignore[assignment]
         self._state = PENDING
         self._result = None
         self._exception = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Future[T]], object]] = []
         self._worker = worker
         self._call = (fn, args, kwargs)
         self._canceller = None
@@ -198,13 +196,31 @@ class TaskFuture(Future[T]):
         self._started = False  # set once, in the loop thread, when the task begins
         self._exit_recorded = False  # see _task_exited
 
+    # Future's own methods use these two lists, always under the lock (wait() and
+    # as_completed() add waiters, add_done_callback() callbacks); most futures never
+    # have either, so they are made on first use, under that lock.
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]  # pyright: ignore[reportIncompatibleVariableOverride]
+        waiters = self._waiter_list
+        if waiters is None:
+            waiters = self._waiter_list = []
+        return waiters
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[Any]], object]]:
+        callbacks = self._callback_list
+        if callbacks is None:
+            callbacks = self._callback_list = []
+        return callbacks
+
     def cancel(self) -> bool:
         """Cancel the work, whether it is waiting or already running.
 
         :return: ``False`` if the work has already finished, else ``True``
         """
         condition: _FutureCondition = self._condition  # type: ignore[assignment]
-        if condition._is_owned():
+        if condition._is_owned():  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
             return self._cancel_reentered(condition)
         previous = self._transition_to_cancelled()
         if previous is None:
@@ -298,7 +314,7 @@ class TaskFuture(Future[T]):
         else:
             self._exception = value
         self._state = FINISHED
-        for waiter in self._waiters:
+        for waiter in self._waiter_list or ():
             if ok:
                 waiter.add_result(self)
             else:
@@ -344,7 +360,7 @@ class TaskFuture(Future[T]):
         # Future's own version logs an Exception and lets any other BaseException out,
         # into whatever settled the future: in a worker, that is the loop itself, and the
         # task's accounting would be skipped. A callback never ends its caller here.
-        for callback in self._done_callbacks:
+        for callback in self._callback_list or ():
             try:
                 callback(self)
             except BaseException:
@@ -366,7 +382,7 @@ class TaskFuture(Future[T]):
                 return None
             self._state = CANCELLED_AND_NOTIFIED
             self._call = None
-            for waiter in self._waiters:
+            for waiter in self._waiter_list or ():
                 _tell_cancelled(waiter, self)
             self._condition.notify_all()
         self._invoke_callbacks()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Generator
 from contextlib import suppress
-from contextvars import copy_context
+from contextvars import Context, copy_context
 from inspect import isawaitable
-from typing import TYPE_CHECKING, Any
+from types import CoroutineType, coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 from ._runtime import is_trio_cancellation
 
@@ -34,19 +36,21 @@ class TrioRuntime:
     path costs two scheduler batches and a spawn per round trip (the entry-queue task
     runs first, the new task in the next batch). Instead one runner, the *leader*, waits
     on a socket that submitters write one byte to per burst. When the byte arrives the
-    leader takes the whole inbox, hands every call but the first to a parked runner (or a
-    new one), makes another runner the leader, and runs the first call itself, in the
-    batch that woke it. A runner that has finished its call leads if nobody does, parks
-    if fewer than :data:`PARKED_RUNNERS_MAX` are parked, and ends otherwise.
+    leader takes the whole inbox and runs its calls itself, one after another, in the
+    step that woke it, for as long as each finishes without waiting: a burst of calls
+    that never wait costs one batch and no other task. The first call that waits makes
+    the leader an ordinary runner: before that call's first suspension reaches trio, the
+    rest of the burst goes to parked runners (or new ones) and another runner becomes
+    the leader, so nothing queues behind a call that waits. A runner that has finished
+    its call leads if nobody does, parks if fewer than :data:`PARKED_RUNNERS_MAX` are
+    parked, and ends otherwise.
 
     A runner runs its calls inside one cancel scope of its own, which a call's future
     points to only while that call runs. Cancelling the call cancels the scope; the runner
     then takes a fresh one. Entering a trio cancel scope per call would cost about a
     fifth of a round trip.
 
-    Each call starts in a fresh copy of the worker's context, as a spawned task would:
-    a runner swaps its task's context before it waits for its next call (trio reads
-    ``Task.context`` at every step), so nothing one call sets is seen by the next.
+    Each call starts in a fresh copy of the worker's context, as a spawned task would.
     """
 
     def __init__(self, feeder: Feeder) -> None:
@@ -55,6 +59,7 @@ class TrioRuntime:
 
         self._trio = trio
         self._value = outcome.Value
+        self._current_task = trio.lowlevel.current_task
         self._feeder = feeder
         self._stop = trio.Event()
         self._stopping = False
@@ -64,9 +69,9 @@ class TrioRuntime:
         self._running: set[TaskFuture[Any]] = set()
         self._parked: list[trio.lowlevel.Task] = []
         self._leader: trio.lowlevel.Task | None = None
-        # While the leader drains the inbox, start() keeps the first call for it.
-        self._keeping = False
-        self._kept: TaskFuture[Any] | None = None
+        # The calls of the burst the leader is running, or None when it runs none:
+        # start() queues here meanwhile. Only ever touched inside the leader's step.
+        self._burst: deque[TaskFuture[Any]] | None = None
         self._wake_receiver, self._wake_sender = socket.socketpair()
         self._wake_receiver.setblocking(False)
         self._wake_sender.setblocking(False)
@@ -99,8 +104,8 @@ class TrioRuntime:
             self.accepting = False
 
     def start(self, future: TaskFuture[Any]) -> None:
-        if self._keeping and self._kept is None:
-            self._kept = future
+        if self._burst is not None:
+            self._burst.append(future)
         elif self._parked:
             self._trio.lowlevel.reschedule(self._parked.pop(), self._value(future))
         else:
@@ -121,7 +126,8 @@ class TrioRuntime:
 
     def never_started(self) -> list[TaskFuture[Any]]:
         # A call handed to a runner is run, or requeued, at the runner's next step,
-        # which trio runs even while the loop is dying.
+        # which trio runs even while the loop is dying; a burst is handed on before
+        # its leader lets trio run anything else.
         return []
 
     def _spawn_runner(self, future: TaskFuture[Any] | None) -> None:
@@ -130,71 +136,84 @@ class TrioRuntime:
         self._base.run(self._nursery.start_soon, self._runner, future)
 
     async def _runner(self, future: TaskFuture[Any] | None) -> None:
-        task = self._trio.lowlevel.current_task()
+        task = self._current_task()
         while True:
             with self._trio.CancelScope() as scope:
-                serving = self._serve_calls(task, scope, future)
-                # The call is _serve_calls' now. Held here too, its future (and so its
-                # result) would live as long as this runner does.
-                future = None
-                await serving
-                if not scope.cancel_called:
-                    return
+                # One loop in this coroutine rather than a helper's: every runner waiting
+                # on a call keeps its frames alive, and the garbage collector walks them.
+                while True:
+                    if future is not None:
+                        # Dropped before the call ends: held here, its future (and so its
+                        # result) would live as long as this runner does.
+                        call, future = future, None
+                        try:
+                            await self._run_call(call, scope, None)
+                        finally:
+                            del call
+                    if self._stopping:
+                        return
+                    if self._leader is None or self._leader is task:
+                        await self._lead(task, scope)
+                    elif len(self._parked) < PARKED_RUNNERS_MAX:
+                        handed = await self._park(task)
+                        if handed is None:
+                            return
+                        if handed is not _LEAD:  # else we lead: see _stop_leading
+                            future = handed  # type: ignore[assignment]
+                    else:
+                        return
             # A call was cancelled (the scope caught it here, or at the next wait if the
             # call swallowed it): a cancelled scope stays cancelled, so take a fresh one.
-
-    async def _serve_calls(self, task: Any, scope: Any, future: TaskFuture[Any] | None) -> None:
-        while True:
-            if future is not None:
-                await self._run_call(future, scope)
-                # Settled and handed over: kept while this runner waits, it would keep
-                # the result alive after its caller has let go of it.
-                future = None
-            if self._stopping:
-                return
-            if self._leader is None:
-                future = await self._lead(task)
-            elif len(self._parked) < PARKED_RUNNERS_MAX:
-                future = await self._park(task)
-            else:
-                return
-            if future is None:
+            if not scope.cancel_called:
                 return
 
-    async def _lead(self, task: Any) -> TaskFuture[Any] | None:
-        """Wait for submitters' wake-ups; return the first call of a burst, or ``None``."""
+    async def _lead(self, task: Any, scope: Any) -> None:
+        """Wait for submitters' wake-ups and run each burst in the step that woke us;
+        return once a call of ours had to wait (another runner leads by then) or stop."""
         self._leader = task
         try:
             while not self._stopping:
-                task.context = self._base.copy()  # the step that wakes us runs the call
                 await self._trio.lowlevel.wait_readable(self._wake_receiver)
                 with suppress(BlockingIOError):
                     self._wake_receiver.recv(4096)
-                self._keeping = True
-                try:
-                    self._feeder._drain()
-                finally:
-                    self._keeping = False
-                future, self._kept = self._kept, None
-                if future is not None:
-                    # Someone must listen while we run the call.
-                    self._leader = None
-                    self._appoint_leader()
-                    return future
-            return None
+                burst = self._burst = deque()
+                self._feeder._drain()
+                # (The scope is not cancelled here: a call that swallowed its
+                # cancellation had waited, so we no longer led when it ended, and a
+                # cancelled scope makes wait_readable raise before we lead again.)
+                while burst and self._leader is task:
+                    await self._run_call(burst.popleft(), scope, task)
+                if self._leader is not task:
+                    return  # a call waited: we handed the burst on, and the lead
+                self._hand_on_burst()
         finally:
             if self._leader is task:
                 self._leader = None
+                # Only if something failed inside the burst: the rest still runs.
+                self._hand_on_burst()
 
-    def _appoint_leader(self) -> None:
+    def _hand_on_burst(self) -> None:
+        """Give what is left of the leader's burst to other runners; start() hands out
+        from now on."""
+        burst, self._burst = self._burst, None
+        if burst:
+            for future in burst:
+                self.start(future)
+
+    def _stop_leading(self) -> None:
+        """The leader's call is about to wait: pass on the burst and the lead."""
+        self._leader = None
+        self._hand_on_burst()
+        if self._stopping:
+            return  # nobody needs to listen any more
         if self._parked:
             self._leader = self._parked.pop()
             self._trio.lowlevel.reschedule(self._leader, self._value(_LEAD))
         else:
             self._spawn_runner(None)
 
-    async def _park(self, task: Any) -> TaskFuture[Any] | None:
-        """Wait to be handed a call, or the leadership; return the call, or ``None`` to end."""
+    async def _park(self, task: Any) -> TaskFuture[Any] | _Lead | None:
+        """Wait to be handed a call, or the lead; ``None`` means end."""
         task.context = self._base.copy()  # the next call starts fresh
         self._parked.append(task)
 
@@ -205,11 +224,10 @@ class TrioRuntime:
         handed: TaskFuture[Any] | _Lead | None = await self._trio.lowlevel.wait_task_rescheduled(
             abort
         )
-        if isinstance(handed, _Lead):
-            return await self._lead(task)
         return handed
 
-    async def _run_call(self, future: TaskFuture[Any], scope: Any) -> None:
+    async def _run_call(self, future: TaskFuture[Any], scope: Any, leader: Any) -> None:
+        """Run one call to its end; ``leader`` is our task if we lead, else ``None``."""
         try:
             # As on asyncio: RUNNING only once the call runs, and a dying loop requeues.
             if not self.accepting:
@@ -227,12 +245,27 @@ class TrioRuntime:
                 return
             self._running.add(future)
             fn, args, kwargs = call
+            del call  # a frame that waits keeps its locals, and the collector walks them
             outcome: Outcome | None = None
             try:
                 try:
-                    value = fn(*args, **kwargs)
-                    if isawaitable(value):
-                        value = await value
+                    if leader is None:
+                        # Our task's context is already a fresh copy (see _park).
+                        value = fn(*args, **kwargs)
+                        if isawaitable(value):
+                            value = await value
+                    else:
+                        # Calls of one burst share a step, so each gets its own context.
+                        context = self._base.copy()
+                        value = context.run(fn, *args, **kwargs)
+                        if type(value) is CoroutineType:
+                            coro = cast("CoroutineType[Any, Any, Any]", value)  # type: ignore[redundant-cast]  # for pyright
+                            value = await self._await_leading(coro, context, leader)
+                        elif isawaitable(value):
+                            # Not a coroutine: no first step to take here.
+                            self._stop_leading()
+                            leader.context = context
+                            value = await value
                 except BaseException as exc:
                     if is_trio_cancellation(exc, self._trio.Cancelled):
                         raise
@@ -247,3 +280,35 @@ class TrioRuntime:
                     future._settle(*outcome)
         finally:
             self._feeder._task_ended()
+
+    @coroutine
+    def _await_leading(
+        self, coro: CoroutineType[Any, Any, Any], context: Context, task: Any
+    ) -> Generator[Any, Any, Any]:
+        """``await coro`` in the leader, handing on the lead at its first suspension.
+
+        The first step runs here, in the call's context; if it finishes, the call never
+        waited and the leader goes on with the burst. If it yields, what it yields is a
+        trio trap for this task: before trio sees it, the burst and the lead go to
+        other runners. From then on every step is passed through unchanged, as
+        ``yield from`` would, in the call's context, which becomes the task's.
+        """
+        try:
+            yielded = context.run(coro.send, None)
+        except StopIteration as returned:
+            return returned.value
+        self._stop_leading()
+        task.context = context
+        while True:
+            try:
+                sent = yield yielded
+            except BaseException as exc:  # trio's Cancelled, or GeneratorExit on close
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as returned:
+                    return returned.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as returned:
+                    return returned.value

@@ -40,15 +40,22 @@ def test_ships_py_typed() -> None:
 
 
 def test_task_future_sets_every_field_future_init_sets() -> None:
-    # TaskFuture mirrors Future.__init__ field for field with a slimmer condition; a
-    # Python release that adds a field there must fail here, not in production.
+    # TaskFuture mirrors Future.__init__ field for field with a slimmer condition, and
+    # the two lists as properties that make them on first use; a Python release that
+    # adds a field there must fail here, not in production.
     from concurrent.futures import Future
 
     from portal_pool._future import TaskFuture
 
     base = set(vars(Future()))
-    ours = set(vars(TaskFuture(None, print, (), {})))  # type: ignore[arg-type]
-    assert base <= ours
+    future = TaskFuture(None, print, (), {})  # type: ignore[arg-type]
+    lazy = {name for name in base if isinstance(getattr(TaskFuture, name, None), property)}
+    assert lazy == {"_waiters", "_done_callbacks"}
+    assert base - lazy <= set(vars(future))
+    assert future._waiters == []
+    assert future._waiters is future._waiters
+    assert future._done_callbacks == []
+    assert future._done_callbacks is future._done_callbacks
 
 
 def test_task_future_works_with_the_stdlib_helpers() -> None:

@@ -153,3 +153,135 @@ def test_trio_keeps_a_bounded_number_of_idle_runners() -> None:
             future.result(timeout=10)
         # The parked ones, plus the leader that runs this call.
         assert worker.run(runner_tasks) <= PARKED_RUNNERS_MAX + 1
+
+
+class LoopHeld:
+    """Holds a worker's loop in a sync call, so that what is submitted meanwhile reaches
+    the loop as one burst, taken at one wake-up, once :meth:`release` lets it go."""
+
+    def __init__(self, worker: Any) -> None:
+        self._gate = threading.Event()
+        self._holding = threading.Event()
+        self.future = worker.submit(self._hold)
+        assert self._holding.wait(10)
+
+    def _hold(self) -> None:
+        self._holding.set()
+        assert self._gate.wait(10)
+
+    def release(self) -> None:
+        self._gate.set()
+        self.future.result(timeout=10)
+
+
+def set_without_waiting(value: str) -> str:
+    seen = request_id.get()
+    request_id.set(value)
+    return seen
+
+
+async def set_without_waiting_async(value: str) -> str:
+    return set_without_waiting(value)
+
+
+def test_each_call_of_one_burst_starts_in_a_fresh_context(backend_kwargs: dict[str, Any]) -> None:
+    """On trio a burst's calls that never wait run one after another in one step of
+    the leader's task; each must still start in its own copy of the worker's context."""
+
+    @asynccontextmanager
+    async def per_loop() -> AsyncIterator[None]:
+        request_id.set("from worker_context")
+        yield
+
+    with PortalPool(1, worker_context=per_loop, **backend_kwargs) as pool:
+        held = LoopHeld(pool.workers[0])
+        burst = [
+            pool.submit(fn, f"call {n}")
+            for n in range(10)
+            for fn in (set_without_waiting, set_without_waiting_async)
+        ]
+        held.release()
+        seen = [future.result(timeout=10) for future in burst]
+    assert seen == ["from worker_context"] * 20
+
+
+def test_a_call_that_waits_does_not_hold_up_the_rest_of_its_burst(make_pool: MakePool) -> None:
+    """The burst's first call waits for its last: the calls between must be handed on."""
+    pool = make_pool(1)
+    worker = pool.workers[0]
+
+    async def make_event() -> anyio.Event:
+        return anyio.Event()
+
+    for position in range(3):  # the waiting call first, in the middle, and last but one
+        last_ran = worker.run(make_event)
+
+        async def wait_for_last(done: anyio.Event = last_ran) -> str:
+            await done.wait()
+            return "waited"
+
+        async def last(done: anyio.Event = last_ran) -> str:
+            done.set()
+            return "last"
+
+        held = LoopHeld(worker)
+        burst = [worker.submit(set_without_waiting, "x") for _ in range(position * 3)]
+        waiting = worker.submit(wait_for_last)
+        burst += [worker.submit(set_without_waiting_async, "y") for _ in range(3)]
+        final = worker.submit(last)
+        held.release()
+        assert final.result(timeout=10) == "last"
+        assert waiting.result(timeout=10) == "waited"
+        assert all(future.result(timeout=10) == "unset" for future in burst)
+        # ... and a later burst is served: somebody leads again.
+        assert worker.run(set_without_waiting, "z") == "unset"
+
+
+def test_the_waiting_call_of_a_burst_can_be_cancelled(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    worker = pool.workers[0]
+    started = threading.Event()
+    cleaned_up = threading.Event()
+
+    async def hang() -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cleaned_up.set()
+
+    held = LoopHeld(worker)
+    before = worker.submit(set_without_waiting_async, "before")
+    hanging = worker.submit(hang)
+    after = worker.submit(set_without_waiting_async, "after")
+    held.release()
+    assert started.wait(10)
+    assert before.result(timeout=10) == after.result(timeout=10) == "unset"
+    assert hanging.cancel()
+    assert cleaned_up.wait(10)
+    assert worker.run(read_and_set, "later") == "unset"
+    assert pool.stats().cancelled == 1
+
+
+class Awaitable:
+    """Not a coroutine: an object whose ``__await__`` runs one."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __await__(self) -> Any:
+        return self._checkpoint_then_return().__await__()
+
+    async def _checkpoint_then_return(self) -> str:
+        await anyio.sleep(0)
+        return self._value
+
+
+def test_a_call_returning_an_awaitable_that_is_not_a_coroutine(make_pool: MakePool) -> None:
+    pool = make_pool(1)
+    worker = pool.workers[0]
+    assert worker.run(Awaitable, "alone") == "alone"
+    held = LoopHeld(worker)
+    burst = [worker.submit(Awaitable, f"in a burst {n}") for n in range(3)]
+    held.release()
+    assert [future.result(timeout=10) for future in burst] == [f"in a burst {n}" for n in range(3)]
