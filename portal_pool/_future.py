@@ -293,15 +293,21 @@ class TaskFuture(Future[T]):
     def _settle(self, ok: bool, value: Any) -> None:
         """Record the task's outcome, unless the future was cancelled meanwhile."""
         self._canceller = None
-        with self._condition:
+        condition: _FutureCondition = self._condition  # type: ignore[assignment]
+        with condition:
             # Cancelled while the task ran, or about to be: cancel wins.
-            promised = self._cancel_promised()
+            promised = condition._handed_over is not None  # see _cancel_promised
             finished = not promised and self._finish(ok, value)
+            # Claimed in the same section as the outcome (see _task_exited); the
+            # exit itself is reported after the callbacks, as before.
+            first_exit = not self._exit_recorded
+            self._exit_recorded = True
         if finished:
             self._invoke_callbacks()
         elif promised:
             self._transition_to_cancelled()  # if the promised cancel has not run yet
-        self._task_exited()
+        if first_exit:
+            self._report_exit()
 
     def _finish(self, ok: bool, value: Any) -> bool:
         """What ``set_result`` or ``set_exception`` does under the lock, which is held
@@ -347,6 +353,9 @@ class TaskFuture(Future[T]):
             if self._exit_recorded:
                 return
             self._exit_recorded = True
+        self._report_exit()
+
+    def _report_exit(self) -> None:
         self._worker._record_exit(self)
         callback, self._on_task_exit = self._on_task_exit, None
         if callback is not None:
