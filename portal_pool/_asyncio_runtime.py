@@ -7,7 +7,6 @@ import sys
 from collections.abc import Callable, Coroutine
 from contextvars import Context, copy_context
 from inspect import isawaitable
-from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from ._future import PENDING
@@ -129,9 +128,8 @@ class AsyncioRuntime:
             # KeyboardInterrupt and SystemExit out of the loop itself, which would kill
             # every other task on this worker.
             try:
-                value: Any = fn(*args, **kwargs)
-                # The common case first, without a call: isawaitable is Python code.
-                if type(value) is CoroutineType or isawaitable(value):
+                value = fn(*args, **kwargs)
+                if isawaitable(value):
                     value = await value
             except asyncio.CancelledError:
                 future._settle_cancelled()
