@@ -158,8 +158,11 @@ class TrioRuntime:
                         handed = await self._park(task)
                         if handed is None:
                             return
-                        if handed is not _LEAD:  # else we lead: see _stop_leading
-                            future = handed  # type: ignore[assignment]
+                        # None if we are to lead (see _stop_leading). Not kept in
+                        # `handed`: a local that outlived the call would keep its
+                        # future, and so its result, alive while this runner waits.
+                        future = None if isinstance(handed, _Lead) else handed
+                        del handed
                     else:
                         return
             # A call was cancelled (the scope caught it here, or at the next wait if the
@@ -196,9 +199,10 @@ class TrioRuntime:
         """Give what is left of the leader's burst to other runners; start() hands out
         from now on."""
         burst, self._burst = self._burst, None
-        if burst:
-            for future in burst:
-                self.start(future)
+        # Emptied, not just dropped: the leader's frame still holds this deque while
+        # its call waits, and would keep these futures (and their results) alive.
+        while burst:
+            self.start(burst.popleft())
 
     def _stop_leading(self) -> None:
         """The leader's call is about to wait: pass on the burst and the lead."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -285,3 +287,39 @@ def test_a_call_returning_an_awaitable_that_is_not_a_coroutine(make_pool: MakePo
     burst = [worker.submit(Awaitable, f"in a burst {n}") for n in range(3)]
     held.release()
     assert [future.result(timeout=10) for future in burst] == [f"in a burst {n}" for n in range(3)]
+
+
+class Payload:
+    """A result whose lifetime the test watches."""
+
+
+def test_a_runner_handed_a_call_keeps_nothing_of_it_while_it_waits(make_pool: MakePool) -> None:
+    """On trio the call after a waiting one goes to another runner (a new one, then
+    parked ones), which then parks: nothing it keeps while parked may hold the call's
+    future, and so its result."""
+    pool = make_pool(1)
+    worker = pool.workers[0]
+
+    async def make_event() -> anyio.Event:
+        return anyio.Event()
+
+    for _ in range(3):
+        released = worker.run(make_event)
+
+        async def wait_for_release(event: anyio.Event = released) -> None:
+            await event.wait()
+
+        async def release(event: anyio.Event = released) -> None:
+            event.set()
+
+        held = LoopHeld(worker)
+        waiting = worker.submit(wait_for_release)
+        handed_on = worker.submit(Payload)
+        held.release()
+        result = weakref.ref(handed_on.result(timeout=10))
+        del handed_on
+        worker.portal.call(lambda: None)  # the loop has moved past that call's last step
+        gc.collect()
+        assert result() is None, gc.get_referrers(result())
+        worker.run(release)
+        waiting.result(timeout=10)
