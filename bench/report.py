@@ -168,6 +168,13 @@ def _speedup_vs_seed(key: str, field: str) -> Measure:
     )
 
 
+def _vs_floor(key: str, field: str) -> Measure:
+    """This contender's sleepers ``field`` ÷ the same sleepers on its own bare loops."""
+    return lambda results: _ratio(
+        _get(results, "sleepers", key, field), _get(results, "sleepers", key, "bare_s")
+    )
+
+
 def _figure(case: str, key: str, field: str) -> Measure:
     return lambda results: _get(results, case, key, field)
 
@@ -195,7 +202,7 @@ def targets(counts: Counts) -> list[Target]:
                 key,
                 _vs_seed("submit", key, "items_per_s"),
                 True,
-                1.2 if aio else 1.0,
+                1.2 if aio else 2.5,
                 TIMES,
             ),
             Target(
@@ -217,8 +224,31 @@ def targets(counts: Counts) -> list[Target]:
                 TIMES,
             ),
         ]
+        if not aio:
+            rows.append(
+                Target(
+                    "round trip p50, every thread on one CPU, ÷ seed",
+                    "latency",
+                    key,
+                    _vs_seed("latency", key, "p50_us_one_cpu"),
+                    False,
+                    1.1,
+                    TIMES,
+                )
+            )
         for via in ("submit", "map"):
             field = f"{via}_s"
+            rows.append(
+                Target(
+                    f"{sleepers} via {via} ÷ the same on bare loops",
+                    "sleepers",
+                    key,
+                    _vs_floor(key, field),
+                    False,
+                    1.35 if via == "submit" else 1.1,
+                    TIMES,
+                )
+            )
             rows.append(
                 Target(
                     f"{sleepers} via {via}: wall time",
