@@ -75,6 +75,7 @@ class _FutureCondition(RLock):  # type: ignore[misc]  # pyright: ignore[reportGe
     # futures never need.
     _parked: deque[LockType] | None = None
     _handed_over: Callable[[], object] | None = None
+    _running_hand_over = False
 
     def __exit__(self, *exc_info: object) -> None:
         _release(self)
@@ -91,12 +92,23 @@ class _FutureCondition(RLock):  # type: ignore[misc]  # pyright: ignore[reportGe
         self._handed_over = call
 
     def _run_handed_over(self) -> None:
-        # Not while an outer section of this thread still holds the lock. One call that
-        # lands between the check and the swap leaves another: hence the loop.
-        while self._handed_over is not None and not self._is_owned():  # type: ignore[attr-defined]
-            call, self._handed_over = self._handed_over, None
-            if call is not None:
+        # Not while an outer section of this thread still holds the lock, nor inside the
+        # call itself (it takes the lock, and its release comes back here). The call
+        # stays handed over until it has run: until then the promise holds, so the loop
+        # thread, which can take the lock before the call does, neither starts nor
+        # finishes the task (see TaskFuture._cancel_promised). One that lands while the
+        # call runs leaves another: hence the loop.
+        while (
+            self._handed_over is not None and not self._running_hand_over and not self._is_owned()  # type: ignore[attr-defined]
+        ):
+            call = self._handed_over
+            self._running_hand_over = True
+            try:
                 call()
+            finally:
+                self._running_hand_over = False
+                if self._handed_over is call:
+                    self._handed_over = None
 
     def wait(self, timeout: float | None = None) -> bool:
         waiter = allocate_lock()

@@ -143,8 +143,9 @@ class TrioRuntime:
                 # on a call keeps its frames alive, and the garbage collector walks them.
                 while True:
                     if future is not None:
-                        # Dropped before the call ends: held here, its future (and so its
-                        # result) would live as long as this runner does.
+                        # Taken out of `future`, and dropped once the call is over: a
+                        # local that outlived the call would keep its future (and so its
+                        # result) alive while this runner waits for the next one.
                         call, future = future, None
                         try:
                             await self._run_call(call, scope, None)

@@ -484,10 +484,10 @@ def test_the_pools_finalizer_inside_the_worker_lock(
 # first line of the hand-over) while the loop's thread, which was waiting for the lock,
 # goes on: without the GIL it gets there first. The future must still end cancelled, as
 # cancel() said.
-HANDED_OVER = (
-    "while self._handed_over is not None and not self._lock._is_owned():"
-    "  # type: ignore[attr-defined]"
-)
+# The line of _FutureCondition._run_handed_over that runs the handed-over cancel: the
+# tests below hold this thread there, the lock already let go of, until the loop thread
+# has settled the future.
+HANDED_OVER = "call()"
 
 
 def test_a_handed_over_cancel_of_queued_work_is_not_overtaken(make_pool: MakePool) -> None:
@@ -505,16 +505,22 @@ def test_a_handed_over_cancel_of_queued_work_is_not_overtaken(make_pool: MakePoo
     future = worker.submit(ran.append, True)  # a sync call: it would end in one step
     after = worker.submit(noop)  # its end means the loop is past `future`'s start
 
+    held: list[bool] = []
+
     def hold_the_gap_open() -> None:
+        # The lock is free and the cancel not run yet: the loop goes on to `future`
+        # (the loop thread was held, so this thread runs the hand-over).
+        held.append(True)
+        release.set()
         assert after.result(timeout=10) is None
 
     sys.settrace(at_line("_run_handed_over", HANDED_OVER, hold_the_gap_open))
     try:
         with future._condition:  # type: ignore[attr-defined]
             assert future.cancel()  # handed over: the future is still pending
-            release.set()  # the loop goes on to `future`, and waits for its lock
     finally:
         sys.settrace(None)
+    assert held == [True], "the tracer never reached the line it holds: was it renamed?"
     assert future.cancelled()
     assert ran == []
     pool.shutdown()
@@ -534,9 +540,14 @@ def test_a_handed_over_cancel_of_running_work_is_not_overtaken(make_pool: MakePo
     future = pool.submit(call)
     assert running.wait(10)
 
+    held: list[bool] = []
+
     def hold_the_gap_open() -> None:
-        # Until the loop has settled it: read without its lock, whose release here
-        # would run the hand-over.
+        # The lock is free and the cancel not run yet: the call returns, and the loop
+        # settles it meanwhile. Waited for without the future's lock, whose release
+        # here would run the hand-over.
+        held.append(True)
+        release.set()
         deadline = time.monotonic() + 10
         while future._state in ("PENDING", "RUNNING") and time.monotonic() < deadline:  # type: ignore[attr-defined]
             time.sleep(0.001)
@@ -545,9 +556,9 @@ def test_a_handed_over_cancel_of_running_work_is_not_overtaken(make_pool: MakePo
     try:
         with future._condition:  # type: ignore[attr-defined]
             assert future.cancel()  # handed over: the call still runs
-            release.set()  # it returns, and the loop waits for the lock to settle it
     finally:
         sys.settrace(None)
+    assert held == [True], "the tracer never reached the line it holds: was it renamed?"
     assert future.cancelled()
     pool.shutdown()
     stats = pool.stats()
