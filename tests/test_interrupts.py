@@ -17,8 +17,8 @@ import pytest
 
 import portal_pool
 from portal_pool import PortalPool
+from portal_pool._condition import FutureCondition
 from portal_pool._flow import PendingLimit
-from portal_pool._future import _FutureCondition
 from portal_pool._lifecycle import wait_done
 
 from .conftest import requires_trio
@@ -267,7 +267,7 @@ def test_ctrl_c_as_a_future_wait_lets_go_of_its_lock(
 
     with loop_held(pool.submit) as holder:
         with (
-            raised_after_call(_FutureCondition.wait.__code__, "_release_save()", interrupt),
+            raised_after_call(FutureCondition.wait.__code__, "_release_save()", interrupt),
             pytest.raises(KeyboardInterrupt),
         ):
             holder.result()

@@ -484,7 +484,7 @@ def test_the_pools_finalizer_inside_the_worker_lock(
 # first line of the hand-over) while the loop's thread, which was waiting for the lock,
 # goes on: without the GIL it gets there first. The future must still end cancelled, as
 # cancel() said.
-# The line of _FutureCondition._run_handed_over that runs the handed-over cancel: the
+# The line of FutureCondition._run_handed_over that runs the handed-over cancel: the
 # tests below hold this thread there, the lock already let go of, until the loop thread
 # has settled the future.
 HANDED_OVER = "call()"
