@@ -7,6 +7,7 @@ import dis
 import linecache
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures._base import (  # the states are not re-exported publicly
@@ -182,3 +183,12 @@ def cancel_and_classify(future: Future[Any]) -> str:
     if not future.cancel():
         return FINISHED
     return RUNNING if future._started else PENDING  # type: ignore[attr-defined]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    """Poll a condition that only another thread or process can make true; fail after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -20,18 +19,11 @@ import pytest
 
 from portal_pool import PortalPool
 
-from .helpers import event_set, loop_held
+from .helpers import event_set, loop_held, wait_until
 
 HOSTS = ("thread", "process", "ray")
 
 MakePool = Callable[..., PortalPool[Any]]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.001)
 
 
 def test_cancel_running_task_runs_its_finally(module_pool: PortalPool[Any], shared: Any) -> None:
