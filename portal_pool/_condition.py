@@ -34,13 +34,15 @@ class FutureCondition(RLock):  # type: ignore[misc]  # pyright: ignore[reportGen
     _handed_over: Callable[[], object] | None = None
     _running_hand_over = False
 
-    def release(self, *exc_info: object) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         _release(self)
         if self._handed_over is not None:
             self._run_handed_over()
 
-    # One method for both: `with` passes the exception, which releasing ignores.
-    __exit__ = release  # pyright: ignore[reportAssignmentType]
+    def release(self) -> None:
+        _release(self)
+        if self._handed_over is not None:
+            self._run_handed_over()
 
     def _hand_over(self, call: Callable[[], object]) -> None:
         """Run ``call`` once the thread holding the lock (the caller's) lets go of it."""

@@ -200,13 +200,15 @@ class TaskFuture(Future[T]):
     def _settle(self, ok: bool, value: Any) -> None:
         """Record the task's outcome, unless the future was cancelled meanwhile."""
         self._canceller = None
-        with self._condition:
+        condition: FutureCondition = self._condition  # type: ignore[assignment]
+        with condition:
             # Cancelled while the task ran, or about to be: cancel wins.
-            promised = self._cancel_promised()
+            promised = condition._handed_over is not None  # see _cancel_promised
             finished = not promised and self._finish(ok, value)
-            # Claimed in the same section as the outcome; the exit itself is reported
-            # after the callbacks, as before.
-            first_exit = self._claim_exit()
+            # Claimed in the same section as the outcome (see _task_exited); the
+            # exit itself is reported after the callbacks, as before.
+            first_exit = not self._exit_recorded
+            self._exit_recorded = True
         if finished:
             self._invoke_callbacks()
         elif promised:
@@ -255,15 +257,10 @@ class TaskFuture(Future[T]):
         and the ``max_pending`` room stay exact.
         """
         with self._condition:
-            first_exit = self._claim_exit()
-        if first_exit:
-            self._report_exit()
-
-    def _claim_exit(self) -> bool:
-        """Whether this is the first report of the task's end; with the lock held."""
-        first = not self._exit_recorded
-        self._exit_recorded = True
-        return first
+            if self._exit_recorded:
+                return
+            self._exit_recorded = True
+        self._report_exit()
 
     def _report_exit(self) -> None:
         self._worker._record_exit(self)

@@ -205,10 +205,8 @@ class TrioRuntime:
         while burst:
             self.start(burst.popleft())
 
-    def _stop_leading(self, task: Any, context: Context) -> None:
-        """The leader's call is about to wait: pass on the burst and the lead, and make
-        the call's context the task's (trio reads ``Task.context`` at every step)."""
-        task.context = context
+    def _stop_leading(self) -> None:
+        """The leader's call is about to wait: pass on the burst and the lead."""
         self._leader = None
         self._hand_on_burst()
         if self._stopping:
@@ -270,7 +268,8 @@ class TrioRuntime:
                             value = await self._await_leading(coro, context, leader)
                         elif isawaitable(value):
                             # Not a coroutine: no first step to take here.
-                            self._stop_leading(leader, context)
+                            self._stop_leading()
+                            leader.context = context
                             value = await value
                 except BaseException as exc:
                     if is_trio_cancellation(exc, self._trio.Cancelled):
@@ -303,7 +302,8 @@ class TrioRuntime:
             yielded = context.run(coro.send, None)
         except StopIteration as returned:
             return returned.value
-        self._stop_leading(task, context)
+        self._stop_leading()
+        task.context = context
         while True:
             try:
                 sent = yield yielded
